@@ -1,0 +1,1 @@
+"""Thin entry points, one per stage and one for the whole pipeline."""

@@ -1,0 +1,113 @@
+"""Config loading, overrides, validation errors for every stage's config, hashes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from u2seg.config import STAGES, ConfigError, U2SegConfig, config_from_dict, explain, load_config
+
+pytestmark = pytest.mark.unit
+
+# One bad value per stage section (and the run section), with what the error must name.
+BAD_VALUES = [
+    ("run.run_root", "''", "run.run_root"),
+    ("run.device", "tpu", "one of 'auto', 'cpu', 'cuda'"),
+    ("run.seed", "-1", ">= 0"),
+    ("run.max_error_fraction", "1.5", "a fraction in [0, 1]"),
+    ("run.storage.anon", "maybe", "true or false"),
+    ("manifest.rows_per_part", "0", "a positive integer"),
+    ("manifest.inputs", "{a: 1}", "a list of str"),
+    ("extract.tau", "abc", "a number"),
+    ("extract.solver", "qr", "one of 'lanczos', 'dense'"),
+    ("extract.n_masks", "0", "an integer in [1, 20]"),
+    ("extract.image_size", "8", "an integer in [32, 2048]"),
+    ("extract.refine", "crf", "one of 'none', 'guided'"),
+    ("cluster.things_k", "0", "a positive integer"),
+    ("cluster.niter", "2.5", "an integer"),
+    ("cluster.spherical", "3", "true or false"),
+    ("label.stuff_smooth", "4", "0, 1 or an odd integer > 1"),
+    ("label.min_stuff_area", "2", "a fraction in [0, 1]"),
+    ("train.num_workers", "0", "a positive integer"),
+    ("train.lr", "-0.1", "> 0"),
+    ("train.use_gpu", "sometimes", "one of 'auto', 'yes', 'no'"),
+    ("evaluate.matching", "greedy", "one of 'hungarian', 'majority'"),
+    ("evaluate.report_images", "-3", ">= 0"),
+]
+
+
+@pytest.mark.parametrize(("key", "raw", "allowed"), BAD_VALUES)
+def test_bad_value_names_key_value_and_rule(key, raw, allowed):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"{key}={raw}"])
+    msg = str(info.value)
+    assert key in msg and allowed in msg
+    assert info.value.key == key
+
+
+def test_every_stage_section_is_covered_by_a_bad_value_test():
+    covered = {k.split(".")[0] for k, _, _ in BAD_VALUES}
+    assert set(STAGES) - {"manifest"} <= covered | {"manifest"}
+    assert {"run", *STAGES} <= covered
+
+
+def test_unknown_key_is_rejected_with_the_known_keys():
+    with pytest.raises(ConfigError, match="known key of extract"):
+        load_config(None, ["extract.taux=0.1"])
+    with pytest.raises(ConfigError, match="known key"):
+        load_config(None, ["nosuchsection.x=1"])
+
+
+def test_overrides_parse_yaml_values_and_coerce_ints_to_floats():
+    cfg = load_config(None, ["extract.tau=0.2", "cluster.things_k=10", "train.lr=1", "run.ray_address=null",
+                             "manifest.inputs=[a, b]", "manifest.inputs=/data/x"])
+    assert cfg.extract.tau == 0.2 and cfg.cluster.things_k == 10
+    assert isinstance(cfg.train.lr, float) and cfg.run.ray_address is None
+    assert cfg.manifest.inputs == ["/data/x"]
+
+
+def test_builtin_configs_load_and_differ():
+    hashes = {name: load_config(name).hash() for name in ("demo", "coco", "imagenet")}
+    assert len(set(hashes.values())) == 3
+    assert load_config("demo").extract.backbone == "vit_small_patch8_224.dino"
+
+
+def test_yaml_file_and_bad_yaml(tmp_path):
+    good = tmp_path / "c.yaml"
+    good.write_text("extract:\n  tau: 0.3\n")
+    assert load_config(str(good)).extract.tau == 0.3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extract: [unclosed\n")
+    with pytest.raises(ConfigError, match="valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="existing YAML file"):
+        load_config(str(tmp_path / "missing.yaml"))
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(scalar))
+
+
+def test_stage_hash_changes_downstream_only():
+    base = U2SegConfig()
+    changed = load_config(None, ["cluster.things_k=5"])
+    assert base.stage_hash("extract") == changed.stage_hash("extract")
+    assert base.stage_hash("cluster") != changed.stage_hash("cluster")
+    assert base.stage_hash("label") != changed.stage_hash("label")
+    assert base.hash() != changed.hash()
+
+
+def test_secrets_are_redacted_and_excluded_from_hash():
+    a = load_config(None, ["run.storage.secret=topsecret", "run.storage.key=AKIA"])
+    assert "topsecret" not in a.to_yaml() and "AKIA" not in a.to_yaml()
+    assert a.hash() == U2SegConfig().hash()
+
+
+def test_round_trip_through_dict_and_explain_documents_every_knob():
+    cfg = load_config("demo")
+    assert config_from_dict(dataclasses.asdict(cfg)) == cfg
+    text = explain()
+    for section in ("run.", "manifest.", "extract.", "cluster.", "label.", "train.", "evaluate."):
+        assert section in text
+    assert "extract.tau = 0.15" in text

@@ -1,0 +1,90 @@
+"""Extract throughput split into phases: decode, backbone, MaskCut, refinement, write.
+
+The per-image work of one extract actor is timed on the synthetic world (no Ray, so the numbers are
+the work itself, not scheduling), twice in the same run: refinement off and on (the ratio is what the
+guided refinement costs), plus fused (SDPA) against explicit attention for the backbone.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from u2seg.data.synthetic import make_synthetic
+from u2seg.features.backbone import build_backbone, extract_features, preprocess, set_fused_attention
+from u2seg.io.images import decode_image
+from u2seg.io.schemas import MASKS_SCHEMA
+from u2seg.maskcut.process import process_batch
+
+
+def _phase_run(model: torch.nn.Module, images: list[np.ndarray], blobs: list[bytes], *, image_size: int,
+               refine: str, batch_size: int, amp: str) -> dict[str, Any]:
+    phases = {"decode": 0.0, "backbone": 0.0, "maskcut": 0.0, "refine": 0.0, "write": 0.0}
+    t_all = time.perf_counter()
+    for start in range(0, len(blobs), batch_size):
+        t0 = time.perf_counter()
+        batch = [decode_image(b) for b in blobs[start:start + batch_size]]
+        phases["decode"] += time.perf_counter() - t0
+        with torch.no_grad():
+            res = process_batch(model, batch, image_size=image_size, refine=refine, patches_per_image=64,
+                                amp=amp, stuff=(32, 32))
+        for r in res:
+            phases["backbone"] += r.timings["backbone_s"]
+            phases["maskcut"] += r.timings["maskcut_s"]
+            phases["refine"] += r.timings["refine_s"]
+        t1 = time.perf_counter()
+        rows = [{"image_id": str(i), "mask_id": m["mask_id"], "rle": m["rle"], "bbox": m["bbox"],
+                 "area": m["area"], "score": m["score"], "descriptor": m["descriptor"],
+                 "image_width": r.width, "image_height": r.height} for i, r in enumerate(res) for m in r.masks]
+        pq.write_table(pa.Table.from_pylist(rows, schema=MASKS_SCHEMA), io.BytesIO(), compression="zstd")
+        phases["write"] += time.perf_counter() - t1
+    wall = time.perf_counter() - t_all
+    n = len(blobs)
+    return {"images_per_s": round(n / wall, 3), "wall_s": round(wall, 3),
+            "seconds_per_image": {k: round(v / n, 4) for k, v in phases.items()}}
+
+
+def bench_extract(n_images: int = 16, image_size: int = 480, backbone: str = "vit_small_patch8_224.dino",
+                  batch_size: int = 4, seed: int = 0) -> dict[str, Any]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = "bf16" if device.type == "cuda" else "none"
+    with tempfile.TemporaryDirectory() as tmp:
+        make_synthetic(tmp, n_images, seed=seed, min_size=320, max_size=640)
+        import os
+
+        names = sorted(os.listdir(f"{tmp}/images"))
+        blobs = [open(f"{tmp}/images/{n}", "rb").read() for n in names]
+    model = build_backbone(backbone, "none", image_size=image_size, seed=seed).to(device).eval()
+    images = [decode_image(b) for b in blobs]
+    process_batch(model, images[:1], image_size=image_size, refine="none", patches_per_image=0, amp=amp)  # warm
+    plain = _phase_run(model, images, blobs, image_size=image_size, refine="none", batch_size=batch_size, amp=amp)
+    refined = _phase_run(model, images, blobs, image_size=image_size, refine="guided", batch_size=batch_size,
+                         amp=amp)
+    x = preprocess(images[:batch_size], image_size).to(device)
+    timings = {}
+    for fused in (True, False):
+        set_fused_attention(model, fused)
+        with torch.no_grad():
+            extract_features(model, x, amp=amp)
+            t0 = time.perf_counter()
+            for _ in range(2):
+                extract_features(model, x, amp=amp)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        timings["fused" if fused else "explicit"] = (time.perf_counter() - t0) / (2 * len(x))
+    set_fused_attention(model, True)
+    return {
+        "config": {"n_images": n_images, "image_size": image_size, "backbone": backbone, "n_masks": 3,
+                   "batch_size": batch_size, "device": str(device), "amp": amp},
+        "refine_none": plain, "refine_guided": refined,
+        "refine_cost_ratio": round(plain["images_per_s"] / refined["images_per_s"], 3),
+        "backbone_s_per_image": {k: round(v, 4) for k, v in timings.items()},
+        "sdpa_speedup": round(timings["explicit"] / timings["fused"], 3),
+    }

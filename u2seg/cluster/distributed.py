@@ -1,0 +1,439 @@
+"""Distributed spherical/L2 k-means on Ray: shard actors hold the vectors, the driver holds centroids.
+
+Why this shape: the descriptors of a large dataset do not fit one process (DESIGN 4, streaming), but a
+Lloyd step only needs per-cluster sums and counts, which add up across shards. Each `_KMeansShard`
+actor reads only its own Parquet files into one float32 array and answers `partial_stats` for the
+centroids the driver broadcasts; the driver reduces (in shard order, so results are deterministic) and
+calls `update_centroids` — the same math as single-process `kmeans` (cluster/kmeans.py).
+
+Determinism and resume: the empty-cluster rng of iteration i is `default_rng([seed, i])`, so the
+checkpoint (centroids, iteration, inertia history, split count, converged flag; written atomically after
+every iteration) is all the state a resumed run needs to finish exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import resource
+import time
+import uuid
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import faiss
+import fsspec
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.fs
+import pyarrow.parquet as pq
+import ray
+
+from u2seg.cluster.arrow import iter_list_column
+from u2seg.cluster.kmeans import (
+    KMeansResult,
+    as_matrix,
+    normalize_rows,
+    partial_stats,
+    update_centroids,
+)
+from u2seg.cluster.kmeans import init_centroids as sample_init_centroids
+
+log = logging.getLogger(__name__)
+
+_CKPT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def _to_fsspec(filesystem: Any) -> fsspec.AbstractFileSystem:
+    """Accept an fsspec or a pyarrow filesystem; work with fsspec's API everywhere below."""
+    if isinstance(filesystem, fsspec.AbstractFileSystem):
+        return filesystem
+    if isinstance(filesystem, pa.fs.FileSystem):
+        from fsspec.implementations.arrow import ArrowFSWrapper
+
+        return ArrowFSWrapper(filesystem)
+    raise TypeError(f"filesystem must be an fsspec or pyarrow filesystem, got {type(filesystem)}")
+
+
+def _is_part(path: str) -> bool:
+    name = path.rsplit("/", 1)[-1]
+    return name.endswith(".parquet") and not name.startswith(("_", "."))
+
+
+def resolve_parquet_files(
+    source: str | os.PathLike | Sequence[str],
+    *,
+    storage_options: dict | None = None,
+    filesystem: Any = None,
+) -> tuple[fsspec.AbstractFileSystem, list[str]]:
+    """(filesystem, sorted Parquet part paths) for a directory URI, a single file, or a list of files.
+
+    Hidden / underscore files (_SUCCESS, temp names) are skipped in directories.
+    """
+    uris = [os.fspath(source)] if isinstance(source, (str, os.PathLike)) else [os.fspath(s) for s in source]
+    if not uris:
+        raise ValueError("empty list of Parquet files")
+    if filesystem is not None:
+        fs = _to_fsspec(filesystem)
+        paths = [fs._strip_protocol(u) for u in uris]
+    else:
+        fs, _ = fsspec.core.url_to_fs(uris[0], **(storage_options or {}))
+        paths = [fs._strip_protocol(u) for u in uris]
+    files: list[str] = []
+    for p in paths:
+        if fs.isdir(p):
+            files.extend(sorted(f for f in fs.find(p) if _is_part(f)))
+        else:
+            files.append(p)
+    if not files:
+        raise FileNotFoundError(f"no Parquet parts under {uris}")
+    return fs, files
+
+
+def allocate(total: int, weights: Sequence[int]) -> list[int]:
+    """Split `total` into integers proportional to `weights` (largest remainder; capped by each weight)."""
+    w = np.asarray(weights, dtype=np.float64)
+    if total >= w.sum():
+        return [int(v) for v in w]
+    exact = total * w / w.sum()
+    out = np.floor(exact).astype(np.int64)
+    for i in np.argsort(-(exact - out), kind="stable")[: total - int(out.sum())]:
+        out[i] += 1
+    return [int(v) for v in np.minimum(out, w.astype(np.int64))]
+
+
+# ----------------------------------------------------------------------------------------------- shards
+
+
+class _KMeansShard:
+    """Holds one shard of vectors in memory and computes Lloyd statistics on it (one faiss index/iter)."""
+
+    def __init__(self, shard_index: int, column: str, spherical: bool, num_threads: int) -> None:
+        self.shard_index = shard_index
+        self.column = column
+        self.spherical = spherical
+        faiss.omp_set_num_threads(max(1, num_threads))  # do not oversubscribe the CPUs Ray gave us
+        self.x = np.zeros((0, 0), dtype=np.float32)
+
+    # -- loading
+    def count_rows(self, fs: fsspec.AbstractFileSystem | None, files: list[str] | None, dataset: Any) -> int:
+        if dataset is not None:
+            return int(dataset.count())
+        total = 0
+        for f in files or []:
+            with fs.open(f, "rb") as fh:
+                total += pq.ParquetFile(fh).metadata.num_rows
+        return total
+
+    def _tables(self, fs, files, dataset):
+        """Yield Arrow tables holding only the descriptor column, a row group / block at a time."""
+        if dataset is not None:
+            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+                yield batch.select([self.column])
+            return
+        for f in files or []:
+            with fs.open(f, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                for rg in range(pf.num_row_groups):
+                    yield pf.read_row_group(rg, columns=[self.column])
+
+    def load(
+        self, fs, files: list[str] | None, dataset: Any, n_rows: int, keep: int, seed: int
+    ) -> tuple[int, int]:
+        """Read this shard into one float32 array, keeping `keep` of its `n_rows` rows (uniform, seeded).
+
+        The array is preallocated once and filled block by block, so the peak is the shard plus one row
+        group — never a second full copy.
+        """
+        sel = None
+        if keep < n_rows:
+            rng = np.random.default_rng([seed, 0xD1, self.shard_index])
+            sel = np.sort(rng.choice(n_rows, size=keep, replace=False))
+        x: np.ndarray | None = None
+        offset = 0  # rows of the shard seen so far
+        filled = 0  # rows written to x
+        for table in self._tables(fs, files, dataset):
+            col = table.column(self.column)
+            for mat in iter_list_column(col):
+                m = len(mat)
+                if x is None:
+                    x = np.empty((keep, mat.shape[1]), dtype=np.float32)
+                elif mat.shape[1] != x.shape[1]:
+                    raise ValueError(f"shard {self.shard_index}: dimension {mat.shape[1]} != {x.shape[1]}")
+                if sel is None:
+                    rows = mat
+                else:
+                    lo, hi = np.searchsorted(sel, [offset, offset + m])
+                    rows = mat[sel[lo:hi] - offset]
+                x[filled : filled + len(rows)] = rows
+                filled += len(rows)
+                offset += m
+        if offset != n_rows or filled != keep:
+            raise RuntimeError(f"shard {self.shard_index}: read {offset}/{n_rows} rows, kept {filled}/{keep}")
+        self.x = x if x is not None else np.zeros((0, 0), dtype=np.float32)
+        if self.spherical and len(self.x):
+            normalize_rows(self.x, inplace=True)
+        if len(self.x) and not np.isfinite(self.x).all():
+            raise ValueError(f"shard {self.shard_index}: descriptors contain NaN or Inf")
+        return self.x.shape
+
+    # -- Lloyd
+    def sample(self, m: int, seed: int) -> np.ndarray:
+        """m distinct rows of this shard, uniformly (for initialisation on the driver)."""
+        rng = np.random.default_rng([seed, 0x1417, self.shard_index])
+        return self.x[np.sort(rng.choice(len(self.x), size=m, replace=False))].copy()
+
+    def stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+        k, d = centroids.shape
+        if len(self.x) == 0:
+            return np.zeros((k, d)), np.zeros(k, dtype=np.int64), 0.0
+        return partial_stats(self.x, centroids, self.spherical)
+
+    def memory(self) -> dict:
+        """Shard size, this actor's memory (current/peak RSS) and CPU time, for benchmarks/monitoring."""
+        proc = psutil.Process()
+        rss = int(proc.memory_info().rss)
+        cpu = proc.cpu_times()
+        return {
+            "shard": self.shard_index,
+            "rows": len(self.x),
+            "shard_bytes": int(self.x.nbytes),
+            "rss_bytes": rss,
+            # ru_maxrss is the kernel's high-water mark (KiB), updated lazily: never report below current
+            "peak_rss_bytes": max(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+            "cpu_s": cpu.user + cpu.system,  # this actor's CPU time so far (load + all iterations)
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+
+
+KMeansShard = ray.remote(_KMeansShard)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoint
+
+
+def _write_atomic(uri: str, data: bytes, storage_options: dict | None) -> None:
+    """Local: write a temp file then rename (atomic on POSIX). Object stores: one PUT (atomic by design)."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if "file" in fs.protocol or "local" in fs.protocol:
+        parent = os.path.dirname(path)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _read_checkpoint(uri: str, storage_options: dict | None) -> dict | None:
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    if not fs.exists(path):
+        return None
+    with np.load(io.BytesIO(fs.cat_file(path)), allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
+
+
+def _save_checkpoint(uri: str, storage_options: dict | None, **state: Any) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, version=_CKPT_VERSION, **state)
+    _write_atomic(uri, buf.getvalue(), storage_options)
+
+
+def _signature(**parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _is_dataset(obj: Any) -> bool:
+    try:
+        from ray.data import Dataset
+    except ImportError:  # pragma: no cover - ray[data] is a dependency
+        return False
+    return isinstance(obj, Dataset)
+
+
+def distributed_kmeans(
+    source: Any,
+    k: int,
+    *,
+    column: str = "descriptor",
+    num_shards: int = 2,
+    niter: int = 20,
+    seed: int = 0,
+    spherical: bool = True,
+    tol: float = 1e-4,
+    checkpoint_uri: str | None = None,
+    storage_options: dict | None = None,
+    filesystem: Any = None,
+    init_sample_size: int | None = None,
+    max_points_per_centroid: int | None = 256,
+    init_centroids: np.ndarray | None = None,
+    init_method: str = "random",
+    shard_num_cpus: float = 1,
+) -> KMeansResult:
+    """k-means over Parquet parts (dir/URI, list of files) or a ray.data.Dataset, with Ray shard actors.
+
+    Stops after `niter` Lloyd iterations or when the relative inertia change drops below `tol` (0
+    disables). When n > k * max_points_per_centroid each shard keeps a uniform subsample so that
+    k * max_points_per_centroid points are clustered in total (faiss's rule; None disables it).
+    `init_centroids` ([k, d]) fixes the start (e.g. to compare with `kmeans`); otherwise k distinct
+    points are drawn (`init_method` "random" or "kmeans++") from a sample of `init_sample_size` points
+    (default min(n, 10k)) gathered proportionally from the shards. `checkpoint_uri` (a file URI, local
+    or s3://; `storage_options` apply) is written after every iteration and resumed from when its
+    signature (k, d, seed, data, ...) matches. `filesystem` (fsspec or pyarrow) overrides how the
+    Parquet source is opened. Ray must be initialised by the caller. A Dataset is split with
+    `ds.split(num_shards)`, which materialises blocks in the object store (not in the driver).
+    """
+    t0 = time.perf_counter()
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not ray.is_initialized():
+        raise RuntimeError("distributed_kmeans needs Ray: call ray.init(...) first")
+    dataset_mode = _is_dataset(source)
+    if dataset_mode:
+        shard_inputs = [(None, None, part) for part in source.split(num_shards)]
+        source_desc: Any = "ray.data.Dataset"
+    else:
+        fs, files = resolve_parquet_files(source, storage_options=storage_options, filesystem=filesystem)
+        if num_shards > len(files):
+            log.warning("only %d Parquet files: using as many shards instead of %d", len(files), num_shards)
+            num_shards = len(files)
+        shard_inputs = [(fs, files[i::num_shards], None) for i in range(num_shards)]
+        source_desc = [fs.unstrip_protocol(f) for f in files]
+
+    threads = max(1, int(shard_num_cpus))
+    actors = [
+        KMeansShard.options(num_cpus=shard_num_cpus, scheduling_strategy="SPREAD").remote(
+            i, column, spherical, threads
+        )
+        for i in range(len(shard_inputs))
+    ]
+    try:
+        rows = ray.get([a.count_rows.remote(*inp) for a, inp in zip(actors, shard_inputs, strict=True)])
+        n = int(sum(rows))
+        if k > n:
+            raise ValueError(f"k-means with k={k} clusters needs at least k points, got n={n}")
+        n_train = n
+        if max_points_per_centroid and n > k * max_points_per_centroid:
+            n_train = k * max_points_per_centroid
+            log.info("clustering a uniform subsample of %d / %d points (max_points_per_centroid)", n_train, n)
+        keep = allocate(n_train, rows)
+        loads = zip(actors, shard_inputs, rows, keep, strict=True)
+        shapes = ray.get([a.load.remote(*inp, r, kp, seed) for a, inp, r, kp in loads])
+        dims = {int(s[1]) for s in shapes if s[0] > 0}
+        if len(dims) != 1:
+            raise ValueError(f"shards disagree on the descriptor dimension: {sorted(dims)}")
+        d = dims.pop()
+        t_load = time.perf_counter()
+
+        init_hash = None
+        if init_centroids is not None:
+            init_given = as_matrix(init_centroids)
+            if init_given.shape != (k, d):
+                raise ValueError(f"init_centroids must be [{k}, {d}], got {init_given.shape}")
+            init_hash = hashlib.sha1(init_given.tobytes()).hexdigest()
+        sig = _signature(
+            k=k, d=d, seed=seed, spherical=spherical, tol=tol, column=column, source=source_desc,
+            rows=rows, n_train=n_train, max_points_per_centroid=max_points_per_centroid,
+            num_shards=len(actors), init=init_hash, init_sample_size=init_sample_size,
+            init_method=init_method,
+        )  # fmt: skip
+
+        state = _read_checkpoint(checkpoint_uri, storage_options) if checkpoint_uri else None
+        if state is not None and str(state["signature"]) != sig:
+            warnings.warn(
+                f"ignoring k-means checkpoint {checkpoint_uri}: signature mismatch (another run's)",
+                stacklevel=2,
+            )
+            state = None
+        if state is not None:
+            centroids = state["centroids"].astype(np.float32)
+            start = int(state["iteration"])
+            history = [float(v) for v in state["inertia"]]
+            n_splits = int(state["n_splits"])
+            converged = bool(state["converged"])
+            log.info("resuming k-means from %s at iteration %d", checkpoint_uri, start)
+        else:
+            start, history, n_splits, converged = 0, [], 0, False
+            if init_centroids is not None:
+                centroids = init_given.copy()
+            else:
+                m = max(k, min(n_train, init_sample_size or 10 * k))
+                per = allocate(m, keep)
+                refs = [a.sample.remote(p, seed) for a, p in zip(actors, per, strict=True) if p > 0]
+                sample = np.concatenate(ray.get(refs), axis=0)
+                centroids = sample_init_centroids(sample, k, seed, init_method)
+                del sample
+            if spherical:
+                centroids = normalize_rows(centroids)
+        t_init = time.perf_counter()
+
+        for it in range(start, niter):
+            if converged:
+                break
+            ref = ray.put(centroids)
+            parts = ray.get([a.stats.remote(ref) for a in actors])
+            sums = parts[0][0].copy()
+            counts = parts[0][1].copy()
+            inertia = parts[0][2]
+            for s, c, i in parts[1:]:
+                sums += s
+                counts += c
+                inertia += i
+            history.append(float(inertia))
+            rng = np.random.default_rng([seed, it])  # per-iteration: a resumed run draws the same splits
+            centroids, ns = update_centroids(sums, counts, centroids, spherical, rng)
+            n_splits += ns
+            if tol > 0 and len(history) >= 2:
+                prev = history[-2]
+                converged = abs(prev - history[-1]) <= tol * max(abs(prev), np.finfo(np.float64).tiny)
+            log.info("k-means iteration %d: inertia=%.6g splits=%d", it, inertia, ns)
+            if checkpoint_uri:
+                _save_checkpoint(
+                    checkpoint_uri, storage_options, signature=sig, centroids=centroids,
+                    iteration=it + 1, inertia=np.asarray(history, dtype=np.float64),
+                    n_splits=n_splits, converged=converged,
+                )  # fmt: skip
+        t_iter = time.perf_counter()
+
+        ref = ray.put(centroids)
+        parts = ray.get([a.stats.remote(ref) for a in actors])
+        sizes = np.sum([p[1] for p in parts], axis=0).astype(np.int64)
+        final = float(sum(p[2] for p in parts))
+        shard_info = ray.get([a.memory.remote() for a in actors])
+        t_end = time.perf_counter()
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+    return KMeansResult(
+        centroids=centroids,
+        inertia=history,
+        sizes=sizes,
+        n_splits=n_splits,
+        final_inertia=final,
+        n_points=n_train,
+        timings={
+            "load": t_load - t0,
+            "init": t_init - t_load,
+            "iterations": t_iter - t_init,
+            "final_assign": t_end - t_iter,
+            "total": t_end - t0,
+        },
+        shard_info=shard_info,
+    )

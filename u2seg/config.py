@@ -1,0 +1,435 @@
+"""Typed, validated configuration for every stage.
+
+One YAML file (or none: the defaults run on a laptop) plus dotted command-line overrides
+(``extract.tau=0.2``) resolve to a :class:`U2SegConfig`. Every knob is declared once, here, with its
+default, its documentation and its check; a bad value raises :class:`ConfigError` naming the key,
+the value and what is allowed. The resolved config and its hash go to the run root so a finished
+stage can tell whether a rerun asks for the same work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+
+STAGES = ("manifest", "extract", "cluster", "label", "train", "evaluate")
+
+
+class ConfigError(ValueError):
+    """A config key holds a value that is not allowed; the message names key, value and rule."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"config error: {key}={value!r} is not allowed; expected {allowed}")
+
+
+def knob(default: Any, doc: str, check: Callable[[Any], bool] | None = None, allowed: str = "") -> Any:
+    """Declare a config field with its documentation and validity rule in one place."""
+    meta = {"doc": doc, "check": check, "allowed": allowed}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _positive(v: Any) -> bool:
+    return v > 0
+
+
+def _non_negative(v: Any) -> bool:
+    return v >= 0
+
+
+def _fraction(v: Any) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+@dataclass
+class StorageConfig:
+    """Object-storage access. Empty fields fall back to the standard AWS environment/credential chain."""
+
+    endpoint_url: str | None = knob(None, "S3 endpoint (e.g. http://127.0.0.1:8333 for SeaweedFS/MinIO); "
+                                    "default: $AWS_ENDPOINT_URL or AWS")
+    key: str | None = knob(None, "access key id; default: $AWS_ACCESS_KEY_ID / credential chain")
+    secret: str | None = knob(None, "secret access key; never logged; default: $AWS_SECRET_ACCESS_KEY")
+    region: str | None = knob(None, "region name; default: $AWS_REGION / $AWS_DEFAULT_REGION")
+    anon: bool = knob(False, "anonymous access to public buckets")
+
+    def storage_options(self) -> dict[str, Any]:
+        """fsspec/s3fs keyword arguments for ``s3://`` URIs."""
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        opts: dict[str, Any] = {"anon": self.anon}
+        if self.key:
+            opts["key"] = self.key
+        if self.secret:
+            opts["secret"] = self.secret
+        client_kwargs: dict[str, Any] = {}
+        if endpoint:
+            client_kwargs["endpoint_url"] = endpoint
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            client_kwargs["region_name"] = region
+        if client_kwargs:
+            opts["client_kwargs"] = client_kwargs
+        return opts
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and how it runs."""
+
+    run_root: str = knob("./runs/demo", "run root: a local path or s3://bucket/prefix; every stage "
+                         "output lives under it", lambda v: bool(str(v).strip()), "a non-empty path or URI")
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray_address: str | None = knob(None, "Ray cluster to join ('auto', 'ray://host:10001'); None starts "
+                                   "a local Ray (or joins the one `ray job submit` provides)")
+    ray_num_cpus: int | None = knob(None, "logical CPUs for a local Ray started by u2seg; None = Ray's "
+                                    "default. Use more than the real cores on tiny machines",
+                                    lambda v: v is None or v > 0, "None or a positive integer")
+    device: Literal["auto", "cpu", "cuda"] = knob("auto", "compute device; auto = cuda when present")
+    seed: int = knob(0, "seed for every random choice (init, sampling, augmentation)", _non_negative,
+                     ">= 0")
+    max_error_fraction: float = knob(0.05, "a stage fails loudly at the end if more than this fraction "
+                                     "of inputs became error rows", _fraction, "a fraction in [0, 1]")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = knob("INFO", "logging level")
+
+
+@dataclass
+class ManifestConfig:
+    """Which images a run reads."""
+
+    inputs: list[str] = knob([], "image sources: local folders, s3:// prefixes, or list files "
+                             "(.txt with one URI per line, or .parquet with a 'uri' column)")
+    recursive: bool = knob(True, "descend into sub-folders / sub-prefixes")
+    rows_per_part: int = knob(10_000, "images per manifest Parquet part (bounds memory while listing)",
+                              _positive, "a positive integer")
+    list_concurrency: int = knob(8, "prefixes listed in parallel", _positive, "a positive integer")
+    probe_sizes: bool = knob(False, "read each image header to fill width/height (costs one small read "
+                             "per image); off: filled by extract")
+
+
+@dataclass
+class ExtractConfig:
+    """Backbone features and MaskCut."""
+
+    backbone: str = knob("vit_base_patch8_224.dino", "timm ViT name (DINO ViT-B/8 is the method's default)",
+                         lambda v: bool(v), "a timm model name")
+    weights: str = knob("none", "'none' (random init, seeded), 'timm' (pretrained tag, needs the hub), "
+                        "or a local path / s3:// URI to .safetensors or a torch state dict")
+    image_size: int = knob(480, "square input size in pixels; must be a multiple of the patch size",
+                           lambda v: 32 <= v <= 2048, "an integer in [32, 2048]")
+    tau: float = knob(0.15, "MaskCut affinity threshold on cosine similarity", lambda v: -1.0 <= v < 1.0,
+                      "a float in [-1, 1)")
+    n_masks: int = knob(3, "MaskCut masks per image (cuts)", lambda v: 1 <= v <= 20, "an integer in [1, 20]")
+    solver: Literal["lanczos", "dense"] = knob("lanczos", "eigen-solver; dense = the reference's exact "
+                                               "scipy eigh (slow, for comparison)")
+    refine: Literal["none", "guided"] = knob("none", "mask refinement at image resolution; guided = "
+                                             "edge-aware guided filter (stands in for the reference CRF)")
+    batch_size: int = knob(4, "images per backbone+MaskCut batch", _positive, "a positive integer")
+    num_actors: int = knob(1, "MaskCut actors (one per GPU on GPU clusters)", _positive, "a positive integer")
+    gpus_per_actor: float = knob(0.0, "GPUs per actor; 0 on CPU. auto device + GPUs present -> set 1",
+                                 _non_negative, ">= 0")
+    cpus_per_actor: float = knob(1.0, "CPUs reserved per actor", _positive, "> 0")
+    patches_per_image: int = knob(64, "sampled patch features per image for stuff clustering",
+                                  _non_negative, ">= 0")
+    stuff_grid: int = knob(32, "side of the pooled patch-feature grid stored per image for stuff labelling",
+                           lambda v: 4 <= v <= 128, "an integer in [4, 128]")
+    stuff_dim: int = knob(32, "dimensions of the stored stuff features (a fixed random orthogonal "
+                          "projection of the pooled tokens)", lambda v: 4 <= v <= 1024, "an integer in [4, 1024]")
+    amp: Literal["bf16", "fp16", "none"] = knob("bf16", "autocast dtype on GPU (CPU always runs fp32)")
+    rows_per_part: int = knob(256, "images per output Parquet part (a unit of retry and resume)",
+                              _positive, "a positive integer")
+
+
+@dataclass
+class ClusterConfig:
+    """k-means for pseudo thing classes (mask descriptors) and stuff classes (patch features)."""
+
+    things_k: int = knob(800, "pseudo thing classes (U2Seg: 800; 300 also used)", _positive,
+                         "a positive integer")
+    stuff_k: int = knob(27, "pseudo stuff classes (COCO-Stuff has 27 coarse classes)", _positive,
+                        "a positive integer")
+    niter: int = knob(20, "Lloyd iterations", _positive, "a positive integer")
+    num_shards: int = knob(2, "shard actors of the distributed k-means", _positive, "a positive integer")
+    spherical: bool = knob(True, "cosine geometry: L2-normalised vectors and centroids")
+    max_points_per_centroid: int = knob(256, "init sample size cap per centroid, as faiss", _positive,
+                                        "a positive integer")
+    tol: float = knob(1e-4, "stop when the relative inertia change falls below this", _non_negative, ">= 0")
+
+
+@dataclass
+class LabelConfig:
+    """Stuff maps, panoptic merge and output formats."""
+
+    stuff_smooth: int = knob(3, "median smoothing window of the stuff map (odd; 0/1 = none)",
+                             lambda v: v in (0, 1) or (v > 1 and v % 2 == 1), "0, 1 or an odd integer > 1")
+    min_stuff_area: float = knob(0.002, "stuff fragments below this fraction of the image become void",
+                                 _fraction, "a fraction in [0, 1]")
+    min_thing_area: int = knob(16, "thing masks below this many visible pixels are dropped",
+                               _non_negative, ">= 0")
+    write_semantic: bool = knob(True, "also write labels/semantic/*.png (category id per pixel)")
+
+
+@dataclass
+class TrainConfig:
+    """Self-training of the universal segmentation model on Ray Train."""
+
+    backbone: str = knob("vit_small_patch8_224.dino", "timm backbone of the model")
+    weights: str = knob("none", "backbone weights, as extract.weights")
+    image_size: int = knob(512, "training image side (longest side after resize)", lambda v: 64 <= v <= 2048,
+                           "an integer in [64, 2048]")
+    num_workers: int = knob(1, "Ray Train workers (DDP ranks)", _positive, "a positive integer")
+    use_gpu: Literal["auto", "yes", "no"] = knob("auto", "train on GPUs (auto = when the cluster has them)")
+    batch_size: int = knob(2, "images per worker per step", _positive, "a positive integer")
+    steps: int = knob(1000, "optimizer steps per round", _positive, "a positive integer")
+    lr: float = knob(1e-4, "AdamW learning rate", _positive, "> 0")
+    weight_decay: float = knob(0.05, "AdamW weight decay", _non_negative, ">= 0")
+    checkpoint_every: int = knob(100, "steps between checkpoints", _positive, "a positive integer")
+    max_failures: int = knob(2, "worker failures tolerated (resume from last checkpoint)", _non_negative,
+                             ">= 0")
+    drop_loss_iou: float = knob(0.01, "DropLoss: no loss for regions whose best IoU with a pseudo mask is "
+                                "below this", _fraction, "a fraction in [0, 1]")
+    copy_paste: bool = knob(True, "copy-paste augmentation of pseudo instances")
+    rounds: int = knob(1, "self-training rounds after the first training", _non_negative, ">= 0")
+    score_threshold: float = knob(0.7, "self-training keeps predictions scoring above this", _fraction,
+                                  "a fraction in [0, 1]")
+    dedup_iou: float = knob(0.5, "a prediction overlapping a pseudo mask above this IoU is a duplicate",
+                            _fraction, "a fraction in [0, 1]")
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation against a labeled set (optional: no ground truth, no evaluate stage)."""
+
+    gt_instances_json: str | None = knob(None, "COCO instances JSON (path/URI)")
+    gt_panoptic_json: str | None = knob(None, "COCO panoptic JSON (path/URI)")
+    gt_panoptic_dir: str | None = knob(None, "folder of COCO panoptic PNGs (path/URI)")
+    matching: Literal["hungarian", "majority"] = knob("hungarian", "pseudo-class to GT-class mapping: "
+                                                      "one-to-one Hungarian, or many-to-one majority")
+    report_images: int = knob(12, "images shown in eval/report.html", _non_negative, ">= 0")
+    target: Literal["labels", "model"] = knob("labels", "evaluate the pseudo-labels or the trained "
+                                              "model's predictions")
+
+
+@dataclass
+class U2SegConfig:
+    """The whole run."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, *, redact: bool = True) -> str:
+        """Resolved YAML; secrets are redacted unless asked not to (they never go to the run root)."""
+        d = self.to_dict()
+        if redact:
+            for k in ("key", "secret"):
+                if d["run"]["storage"].get(k):
+                    d["run"]["storage"][k] = "<redacted>"
+        return yaml.safe_dump(d, sort_keys=False)
+
+    def hash(self) -> str:
+        """Hash of the work the run describes (storage credentials and logging excluded)."""
+        d = self.to_dict()
+        d["run"] = {k: v for k, v in d["run"].items() if k not in ("storage", "log_level", "ray_address",
+                                                                   "ray_num_cpus")}
+        return _digest(d)
+
+    def stage_hash(self, stage: str) -> str:
+        """Hash of one stage's inputs: its own section, the seed, and every upstream stage's section.
+
+        A stage is rerun when this changes, so a changed upstream knob invalidates downstream stages.
+        """
+        if stage not in STAGES:
+            raise ConfigError("stage", stage, f"one of {STAGES}")
+        upto = STAGES[: STAGES.index(stage) + 1]
+        if stage == "evaluate":
+            upto = STAGES
+        d = self.to_dict()
+        payload = {s: d[s] for s in upto}
+        payload["seed"] = self.run.seed
+        payload["run_root"] = self.run.run_root
+        return _digest(payload)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _check_type(key: str, value: Any, tp: Any) -> Any:
+    """Coerce int->float where harmless and verify ``value`` matches the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(key, value, "one of " + ", ".join(repr(a) for a in args))
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg)
+            except ConfigError:
+                continue
+        raise ConfigError(key, value, " or ".join(_type_name(a) for a in args))
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, f"a list of {_type_name(args[0])}")
+        return [_check_type(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "a number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "a string")
+        return value
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, rejecting unknown keys and invalid values."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip("."), data, "a mapping")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
+    if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(prefix + name, data[name], f"a known key of {prefix.rstrip('.') or 'the config'}: "
+                          + ", ".join(fields))
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data.get(name) or {}, key + ".")
+            continue
+        if name not in data:
+            continue
+        value = _check_type(key, data[name], tp)
+        check = f.metadata.get("check")
+        if check is not None and value is not None and not check(value):
+            raise ConfigError(key, value, f.metadata.get("allowed") or "a valid value")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(dotted, value, f"{p} is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``extract.tau=0.2`` -> ("extract.tau", 0.2); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(text, None, "an override of the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(text, raw, "an override of the form section.key=value")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def builtin_config_path(name: str) -> str:
+    """Path of a config shipped in ``u2seg/configs`` (``demo``, ``coco``, ``imagenet``)."""
+    return str(resources.files("u2seg") / "configs" / f"{name}.yaml")
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> U2SegConfig:
+    """Load YAML (a path, or the name of a built-in config) and apply dotted overrides, validating all."""
+    tree: dict[str, Any] = {}
+    if path:
+        if not os.path.exists(path) and os.path.exists(builtin_config_path(path)):
+            path = builtin_config_path(path)
+        try:
+            with open(path) as fh:
+                tree = yaml.safe_load(fh) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError("--config", path, "an existing YAML file or a built-in name "
+                              "(demo, coco, imagenet)") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError("--config", path, f"valid YAML ({exc})") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError("--config", path, "a YAML mapping at the top level")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value)
+    return _build(U2SegConfig, tree, "")
+
+
+def config_from_dict(tree: Mapping[str, Any]) -> U2SegConfig:
+    """Validate a plain dict (e.g. a resolved config read back from a run root)."""
+    return _build(U2SegConfig, tree, "")
+
+
+def explain() -> str:
+    """Every knob with its default and documentation (``u2seg config --explain``)."""
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                walk(tp, f"{prefix}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{prefix}{f.name} = {default!r}\n    {f.metadata.get('doc', '')}")
+
+    walk(U2SegConfig, "")
+    return "\n".join(lines)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without a GPU is a config error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device", device, "'cpu' or 'auto' on a machine without a CUDA GPU")
+    return device

@@ -1,0 +1,71 @@
+"""Every Parquet schema of the run root, declared once (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()),   # stable hash of the URI: reruns overwrite, never duplicate
+    ("uri", pa.string()),
+    ("bytes", pa.int64()),
+    ("width", pa.int32()),       # -1 when not probed at manifest time
+    ("height", pa.int32()),
+])
+
+RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
+
+MASKS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("mask_id", pa.int32()),
+    ("rle", RLE_TYPE),                         # COCO RLE at image resolution
+    ("bbox", pa.list_(pa.float32(), 4)),       # x, y, w, h
+    ("area", pa.int64()),
+    ("score", pa.float32()),
+    ("descriptor", pa.list_(pa.float32())),    # L2-normalised mask descriptor
+    ("image_width", pa.int32()),
+    ("image_height", pa.int32()),
+])
+
+PATCHES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("feature", pa.list_(pa.float32())),       # L2-normalised patch feature (stuff clustering sample)
+    ("row", pa.int32()),
+    ("col", pa.int32()),
+])
+
+# The ledger: one row per processed input (ok or error), written last for its group. Also the pooled patch-feature grid the label stage turns into a stuff map,
+# and the image's size. Written by extract, so labelling needs no second backbone pass.
+IMAGES_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("status", pa.string()),                   # "ok" or "error" (details in extract/errors)
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("n_masks", pa.int32()),
+    ("grid_h", pa.int32()),
+    ("grid_w", pa.int32()),
+    ("stuff_grid", pa.list_(pa.float16())),    # grid_h * grid_w * dim, row-major, float16
+    ("stuff_dim", pa.int32()),
+])
+
+ERRORS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("stage", pa.string()),
+    ("error_class", pa.string()),
+    ("message", pa.string()),
+])
+
+ASSIGNMENTS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("mask_id", pa.int32()),
+    ("cluster_id", pa.int32()),
+    ("distance", pa.float32()),
+])
+
+
+def error_row(image_id: str, uri: str, stage: str, exc: BaseException) -> dict[str, str]:
+    """One errors-table row; the class name is the machine-readable reason."""
+    reason = getattr(exc, "reason", None)
+    cls = type(exc).__name__ + (f":{reason}" if reason else "")
+    return {"image_id": image_id, "uri": uri, "stage": stage, "error_class": cls, "message": str(exc)[:2000]}

@@ -1,0 +1,129 @@
+"""The extract stage's per-batch work: images -> MaskCut masks, descriptors and sampled patch features.
+
+Pure torch/numpy (no Ray): the pipeline's actors call `process_batch` on their device.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from u2seg.features import extract_features, patch_size, preprocess
+from u2seg.features.pooling import pooled_stuff_grid
+from u2seg.maskcut.coco import masks_to_coco
+from u2seg.maskcut.core import maskcut_detailed
+from u2seg.maskcut.descriptors import mask_descriptors, sample_patch_features
+from u2seg.maskcut.refine import refine_masks, upsample_masks
+
+
+@dataclass
+class ImageResult:
+    """Everything extract writes for one image.
+
+    masks: one dict per kept mask, mask_id 0..m-1 in cut order: {"mask_id": int, "rle": {"size": [H, W],
+      "counts": str}, "bbox": [x, y, w, h], "area": int, "score": float, "descriptor": list[float]}.
+      score = 1 - Ncut/2 of the patch-level cut in its affinity graph (1 = perfectly separated).
+    patches: {"feature": np.ndarray float32 [D], "row": int, "col": int} on the patch grid.
+    timings: this image's share of the batch's backbone_s / maskcut_s (batch time / B) and its own
+      refine_s (upsample + refine + RLE + descriptors).
+    """
+
+    height: int
+    width: int
+    masks: list[dict] = field(default_factory=list)
+    patches: list[dict] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    stuff_grid: torch.Tensor | None = None  # [gh, gw, dim] float16, when process_batch(stuff=...)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def image_seed(image: np.ndarray, seed: int) -> int:
+    """A per-image seed from the run seed and a cheap content hash (batch-composition independent)."""
+    sub = np.ascontiguousarray(image[::7, ::7])
+    shape_crc = zlib.crc32(np.asarray(image.shape, np.int64).tobytes(), seed & 0xFFFFFFFF)
+    return zlib.crc32(sub.tobytes(), shape_crc)
+
+
+def _descriptors(tokens: torch.Tensor, full: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """Descriptors of final full-resolution masks [m,H,W]; weights = fraction of each patch covered."""
+    if full.shape[0] == 0:
+        return np.zeros((0, tokens.shape[-1]), np.float32)
+    weights = F.interpolate(full[None].float(), size=grid, mode="area")
+    return mask_descriptors(tokens, weights, grid)[0].cpu().numpy()
+
+
+def process_batch(
+    model: nn.Module,
+    images_uint8: list[np.ndarray],
+    *,
+    image_size: int = 480,
+    tau: float = 0.15,
+    n_masks: int = 3,
+    solver: str = "lanczos",
+    refine: str = "guided",
+    patches_per_image: int = 256,
+    amp: str = "bf16",
+    seed: int = 0,
+    stuff: tuple[int, int] | None = None,
+) -> list[ImageResult]:
+    """Preprocess, backbone, MaskCut, upsample to each image's size, refine, RLE, descriptors, patches.
+
+    ``stuff=(grid, dim)`` also returns each image's pooled, projected stuff grid (features/pooling.py).
+    """
+    B = len(images_uint8)
+    if B == 0:
+        return []
+    device = next(model.parameters()).device
+    ph, pw = patch_size(model)
+    t0 = time.perf_counter()
+    feats = extract_features(model, preprocess(images_uint8, image_size), amp=amp)
+    _sync(device)
+    t1 = time.perf_counter()
+    patch_masks, valid, stats = maskcut_detailed(
+        feats.keys, feats.grid, tau=tau, n_masks=n_masks, solver=solver
+    )
+    _sync(device)
+    t2 = time.perf_counter()
+    seeds = [image_seed(im, seed) for im in images_uint8]
+    patches = sample_patch_features(feats.tokens, patches_per_image, seeds, feats.grid)
+    stuff_grids = (pooled_stuff_grid(feats.tokens, feats.grid, stuff[0], stuff[1], seed).cpu()
+                   if stuff else None)
+    results = []
+    for b, img in enumerate(images_uint8):
+        tr = time.perf_counter()
+        H, W = img.shape[:2]
+        radius = max(2, round(max(ph * H, pw * W) / image_size))  # ~ one patch in image pixels
+        full = upsample_masks(patch_masks[b, valid[b]], (H, W))
+        full = refine_masks(full, img, refine, radius=radius)
+        kept = full.flatten(1).any(1)
+        full = full[kept]
+        scores = stats.scores[b, valid[b]][kept].tolist()
+        desc = _descriptors(feats.tokens[b : b + 1], full, feats.grid)
+        anns = masks_to_coco(full)
+        masks = [
+            {**ann, "mask_id": k, "score": float(scores[k]), "descriptor": desc[k].tolist()}
+            for k, ann in enumerate(anns)
+        ]
+        _sync(device)
+        sample = patches[b]
+        results.append(ImageResult(
+            height=H,
+            width=W,
+            masks=masks,
+            patches=[{"feature": f, "row": int(r), "col": int(c)}
+                     for f, r, c in zip(sample["feature"], sample["row"], sample["col"], strict=True)],
+            timings={"backbone_s": (t1 - t0) / B, "maskcut_s": (t2 - t1) / B,
+                     "refine_s": time.perf_counter() - tr},
+            stuff_grid=None if stuff_grids is None else stuff_grids[b],
+        ))
+    return results

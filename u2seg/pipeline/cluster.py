@@ -1,0 +1,136 @@
+"""The cluster stage: distributed k-means of mask descriptors (things) and patch features (stuff),
+then an assignment pass writing every mask's pseudo class.
+
+The assignment pass runs one Ray Data actor pool, each actor holding a faiss index of the thing
+centroids; each masks part is assigned as a unit and written under the same part name, so a retried
+or rerun assignment overwrites instead of duplicating.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from u2seg.config import U2SegConfig
+from u2seg.io import RunRoot
+from u2seg.io.schemas import ASSIGNMENTS_SCHEMA
+
+log = logging.getLogger(__name__)
+
+
+def save_npy(root: RunRoot, rel: str, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    root.write_bytes(rel, buf.getvalue())
+
+
+def load_npy(root: RunRoot, rel: str) -> np.ndarray:
+    return np.load(io.BytesIO(root.read_bytes(rel)))
+
+
+def _count_rows(root: RunRoot, paths: list[str]) -> int:
+    n = 0
+    for p in paths:
+        with root.fs.open(p, "rb") as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+    return n
+
+
+def size_histogram(sizes: np.ndarray) -> dict[str, int]:
+    """Cluster sizes bucketed by powers of two (0, 1, 2-3, 4-7, ...): shows dead and giant clusters."""
+    hist: dict[str, int] = {}
+    for s in sizes.tolist():
+        if s == 0:
+            key = "0"
+        else:
+            lo = 1 << (int(s).bit_length() - 1)
+            key = f"{lo}-{2 * lo - 1}" if lo > 1 else "1"
+        hist[key] = hist.get(key, 0) + 1
+    return hist
+
+
+def _cluster_one(cfg: U2SegConfig, root: RunRoot, table: str, column: str, k_wanted: int,
+                 name: str) -> dict[str, Any]:
+    from u2seg.cluster.distributed import distributed_kmeans
+
+    paths = root.parquet_paths(f"extract/{table}")
+    n = _count_rows(root, paths)
+    if n == 0:
+        raise ValueError(f"cluster: extract/{table} in {root.uri} has no rows to cluster; "
+                         "did extract find no masks (see extract/errors)?")
+    k = min(k_wanted, n)
+    if k < k_wanted:
+        log.warning("cluster: only %d %s vectors, clustering into k=%d instead of %d", n, name, k, k_wanted)
+    cl = cfg.cluster
+    result = distributed_kmeans(
+        paths, k, column=column, num_shards=min(cl.num_shards, max(1, len(paths))), niter=cl.niter,
+        seed=cfg.run.seed, spherical=cl.spherical, tol=cl.tol, filesystem=root.fs,
+        checkpoint_uri=root.join(f"cluster/_checkpoints/{name}.npz"),
+        storage_options=root.storage_options, max_points_per_centroid=cl.max_points_per_centroid)
+    save_npy(root, f"cluster/{name}.npy", result.centroids.astype(np.float32))
+    stats = result.stats()
+    stats["k_requested"] = k_wanted
+    stats["size_histogram"] = size_histogram(result.sizes)
+    stats.pop("sizes")
+    return {"stats": stats, "sizes": result.sizes.tolist()}
+
+
+class AssignActor:
+    """One faiss index of the thing centroids per actor; assigns and writes one masks part per call."""
+
+    def __init__(self, root: RunRoot, spherical: bool):
+        from u2seg.cluster.kmeans import build_index
+
+        self.root = root
+        self.spherical = spherical
+        self.index = build_index(load_npy(root, "cluster/things.npy"), spherical)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from u2seg.cluster.arrow import list_column_to_numpy
+        from u2seg.cluster.kmeans import assign, normalize_rows
+
+        counts = []
+        for name in batch["name"]:
+            with self.root.fs.open(self.root.path("extract/masks", str(name)), "rb") as fh:
+                t = pq.read_table(fh, columns=["image_id", "mask_id", "descriptor"])
+            x = list_column_to_numpy(t.column("descriptor")) if t.num_rows else np.zeros((0, 1), np.float32)
+            if self.spherical and len(x):
+                x = normalize_rows(x)
+            labels, scores = assign(self.index, x)
+            out = pa.table({"image_id": t.column("image_id"), "mask_id": t.column("mask_id"),
+                            "cluster_id": pa.array(labels.astype(np.int32)),
+                            "distance": pa.array(scores.astype(np.float32))}, schema=ASSIGNMENTS_SCHEMA)
+            self.root.write_parquet(f"cluster/assignments/{name}", out)
+            counts.append(t.num_rows)
+        return {"name": batch["name"], "masks": np.array(counts)}
+
+
+def run_cluster(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
+    import ray
+
+    t0 = time.time()
+    things = _cluster_one(cfg, root, "masks", "descriptor", cfg.cluster.things_k, "things")
+    t1 = time.time()
+    stuff = _cluster_one(cfg, root, "patches", "feature", cfg.cluster.stuff_k, "stuff")
+    t2 = time.time()
+    names = root.list("extract/masks", ".parquet")
+    for stale in set(root.list("cluster/assignments", ".parquet")) - set(names):
+        root.remove(f"cluster/assignments/{stale}")
+    ds = ray.data.from_items([{"name": n} for n in names]).map_batches(
+        AssignActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.cluster.num_shards,
+                                                                                     len(names)))),
+        num_cpus=1, fn_constructor_kwargs={"root": root, "spherical": cfg.cluster.spherical})
+    assigned = sum(int(r["masks"]) for r in ds.iter_rows())
+    t3 = time.time()
+    root.write_json("cluster/sizes.json", {"things": things["sizes"], "stuff": stuff["sizes"]})
+    log.info("cluster: things k=%d (%d masks), stuff k=%d; %d masks assigned",
+             things["stats"]["k"], things["stats"]["n_points"], stuff["stats"]["k"], assigned)
+    return {"things": things["stats"], "stuff": stuff["stats"], "masks_assigned": assigned,
+            "phase_seconds": {"things": round(t1 - t0, 3), "stuff": round(t2 - t1, 3),
+                              "assign": round(t3 - t2, 3)}}

@@ -1,0 +1,84 @@
+"""Run one stage: open the run root, skip when already done with the same config, time it, mark it."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from u2seg.config import U2SegConfig
+from u2seg.io import RunRoot
+from u2seg.pipeline.markers import is_done, mark_done, write_resolved_config
+
+log = logging.getLogger(__name__)
+
+# stage -> (module, function); imported lazily so `u2seg manifest` does not import torch.
+STAGE_FUNCTIONS: dict[str, tuple[str, str]] = {
+    "manifest": ("u2seg.pipeline.manifest", "run_manifest"),
+    "extract": ("u2seg.pipeline.extract", "run_extract"),
+    "cluster": ("u2seg.pipeline.cluster", "run_cluster"),
+    "label": ("u2seg.pipeline.label", "run_label"),
+    "train": ("u2seg.pipeline.train", "run_train"),
+    "evaluate": ("u2seg.pipeline.evaluate", "run_evaluate"),
+}
+NEEDS_RAY = {"extract", "cluster", "label", "train"}
+
+
+def open_root(cfg: U2SegConfig) -> RunRoot:
+    return RunRoot(cfg.run.run_root, cfg.run.storage.storage_options())
+
+
+def ensure_ray(cfg: U2SegConfig) -> None:
+    """Join the configured cluster (run.ray_address), the one `ray job submit` gives, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
+    if cfg.run.ray_address:
+        ray.init(address=cfg.run.ray_address, **kwargs)
+    elif os.environ.get("RAY_ADDRESS"):  # set by `ray job submit` for its entrypoint
+        ray.init(**kwargs)
+    else:  # never join some other cluster that happens to run on this machine
+        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, **kwargs)
+    quiet_ray_data()
+    log.info("ray: %s", ray.cluster_resources())
+
+
+def quiet_ray_data() -> None:
+    """Our own progress bar and stats replace Ray Data's per-operator console dumps."""
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def stage_function(stage: str) -> Callable[[U2SegConfig, RunRoot], dict[str, Any]]:
+    module, name = STAGE_FUNCTIONS[stage]
+    return getattr(importlib.import_module(module), name)
+
+
+def run_stage(stage: str, cfg: U2SegConfig, *, force: bool = False) -> dict[str, Any]:
+    """Run ``stage`` unless its ``_SUCCESS`` marker holds this config's stage hash; return its stats."""
+    root = open_root(cfg)
+    root.ensure_writable()
+    write_resolved_config(root, cfg)
+    h = cfg.stage_hash(stage)
+    if not force and is_done(root, stage, h):
+        log.info("%s: already done with config %s, skipped", stage, h)
+        stats = root.read_json(stage, "stats.json") if root.exists(stage, "stats.json") else {}
+        return {**stats, "skipped": True}
+    if stage in NEEDS_RAY:
+        ensure_ray(cfg)
+    t0 = time.time()
+    log.info("%s: starting (run root %s)", stage, root.uri)
+    stats = stage_function(stage)(cfg, root)
+    stats = {**stats, "stage": stage, "config_hash": h, "wall_s": round(time.time() - t0, 3)}
+    mark_done(root, stage, h, stats)
+    log.info("%s: done in %.1fs", stage, stats["wall_s"])
+    return stats
