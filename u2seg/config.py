@@ -107,7 +107,7 @@ class RunConfig:
 class ManifestConfig:
     """Which images a run reads."""
 
-    inputs: list[str] = knob([], "image sources: local folders, s3:// prefixes, or list files "
+    inputs: list[str] = knob([], "image sources: local folders, s3:// prefixes, or list files "  # noqa: RUF009
                              "(.txt with one URI per line, or .parquet with a 'uri' column)")
     recursive: bool = knob(True, "descend into sub-folders / sub-prefixes")
     rows_per_part: int = knob(10_000, "images per manifest Parquet part (bounds memory while listing)",

@@ -18,7 +18,6 @@ pytestmark = pytest.mark.integration
 def s3_inputs(s3, synthetic_world, write_odd_corpus, tmp_path_factory):
     """8 synthetic images plus the odd/broken corpus, uploaded to the S3 server."""
     import s3fs
-
     from helpers import upload_dir
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options())

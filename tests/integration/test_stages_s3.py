@@ -19,7 +19,6 @@ pytestmark = pytest.mark.integration
 def s3_run(ray_cluster, s3, synthetic_world):
     """A tiny run on S3: 10 synthetic images (inputs and ground truth on S3 too), every stage done."""
     import s3fs
-
     from helpers import tiny_config
 
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options())
@@ -63,7 +62,7 @@ def test_cluster_outputs(s3_run):
 def test_labels_load_in_pycocotools_and_satisfy_panoptic_rules(s3_run, tmp_path):
     from pycocotools.coco import COCO
 
-    cfg, root, stats, n_images = s3_run
+    cfg, root, _, n_images = s3_run
     (tmp_path / "instances.json").write_bytes(root.read_bytes("labels/instances.json"))
     coco = COCO(str(tmp_path / "instances.json"))
     assert len(coco.imgs) == n_images

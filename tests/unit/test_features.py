@@ -158,3 +158,16 @@ def test_preprocess_resizes_and_normalises():
     with pytest.raises(ValueError, match="uint8"):
         preprocess([np.zeros((10, 10), np.uint8)], 32)
     assert preprocess([], 32).shape == (0, 3, 32, 32)
+
+
+def test_timm_pretrained_without_hub_is_a_clear_error(monkeypatch):
+    import timm
+
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained:
+            raise ConnectionError("hub unreachable")
+        raise AssertionError("only the pretrained path should be taken")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(WeightsError, match="hub must be reachable"):
+        build_backbone(NAME, "timm", image_size=SIZE)

@@ -170,6 +170,16 @@ def test_lanczos_matches_dense_on_small_grids():
     assert float(iou.mean()) >= 0.95
 
 
+def test_batch_results_equal_single_image_results():
+    labs = [_blob_labels(), np.rot90(_blob_labels()).copy(), np.ones((16, 16), np.int64)]
+    labs[2][1:-1, 1:-1] = 0
+    feats = torch.cat([_cluster_feats(lab, seed=i) for i, lab in enumerate(labs)])
+    masks, valid = maskcut(feats, (16, 16), n_masks=2)
+    for i in range(3):
+        mi, vi = maskcut(feats[i : i + 1], (16, 16), n_masks=2)
+        assert torch.equal(masks[i], mi[0]) and torch.equal(valid[i], vi[0])
+
+
 def test_lanczos_fast_with_zeroed_patches():
     # Half the patches zeroed: a huge repeated eigenvalue in the middle of the spectrum must not
     # stop the top pair from converging.
@@ -286,7 +296,7 @@ def test_process_batch_end_to_end():
     from u2seg.maskcut import ImageResult, process_batch
 
     model = build_backbone("vit_small_patch8_224.dino", "none", image_size=64, seed=0)
-    img_a, disk = _disk_image(72, 96)
+    img_a, _ = _disk_image(72, 96)
     img_b = np.zeros((50, 40, 3), np.uint8)
     img_b[10:30, 5:25] = 255
     kwargs = dict(image_size=64, tau=0.15, n_masks=3, solver="lanczos", refine="guided",

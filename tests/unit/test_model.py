@@ -351,7 +351,7 @@ def test_droploss_ignores_only_untouched_background():
     assert float(grads[1]) > 0 and float(grads[3]) > 0  # background near a box and the positive still count
     plain, plain_loss = _roi_logit_grads(0.0, props, gt)
     assert (plain > 0).all()  # without DropLoss the far proposals are punished as background
-    assert float(loss) < float(plain_loss)
+    assert float(loss.detach()) < float(plain_loss.detach())
 
 
 def test_droploss_loss_matches_manual_formula():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,10 +58,7 @@ def bench_extract(n_images: int = 16, image_size: int = 480, backbone: str = "vi
     amp = "bf16" if device.type == "cuda" else "none"
     with tempfile.TemporaryDirectory() as tmp:
         make_synthetic(tmp, n_images, seed=seed, min_size=320, max_size=640)
-        import os
-
-        names = sorted(os.listdir(f"{tmp}/images"))
-        blobs = [open(f"{tmp}/images/{n}", "rb").read() for n in names]
+        blobs = [p.read_bytes() for p in sorted(Path(tmp, "images").iterdir())]
     model = build_backbone(backbone, "none", image_size=image_size, seed=seed).to(device).eval()
     images = [decode_image(b) for b in blobs]
     process_batch(model, images[:1], image_size=image_size, refine="none", patches_per_image=0, amp=amp)  # warm

@@ -29,7 +29,7 @@ def _traced(fn) -> tuple[Any, float, float]:
     return out, wall, peak / 2**20
 
 
-def bench_manifest(n: int = 200_000, per_dir: int = 10_000, rows_per_part: int = 10_000) -> dict[str, Any]:
+def bench_manifest(n: int = 200_000, per_dir: int = 2_000, rows_per_part: int = 2_000) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "images")
         for i in range(n):

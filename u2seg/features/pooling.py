@@ -26,7 +26,7 @@ def projection_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
 def pooled_stuff_grid(tokens: torch.Tensor, grid: tuple[int, int], size: int, dim: int,
                       seed: int = 0) -> torch.Tensor:
     """[B, N, D] patch tokens -> [B, gh, gw, d] L2-normalised float16 (gh, gw <= size, aspect kept)."""
-    B, N, D = tokens.shape
+    B, _, D = tokens.shape
     h, w = grid
     gh, gw = min(size, h), min(size, w)
     x = tokens.float().transpose(1, 2).reshape(B, D, h, w)

@@ -33,8 +33,8 @@ PATCHES_SCHEMA = pa.schema([
     ("col", pa.int32()),
 ])
 
-# The ledger: one row per processed input (ok or error), written last for its group. Also the pooled patch-feature grid the label stage turns into a stuff map,
-# and the image's size. Written by extract, so labelling needs no second backbone pass.
+# The ledger: one row per processed input (ok or error), written last for its group. Also the image's
+# size and the pooled patch-feature grid the label stage turns into a stuff map (no second backbone pass).
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("uri", pa.string()),

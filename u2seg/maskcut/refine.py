@@ -31,11 +31,19 @@ def upsample_masks(masks: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor
 
 
 def _box(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Mean over a (2r+1)^2 window clipped at the borders; separable, x: [C, H, W]."""
-    k = 2 * r + 1
-    x = F.avg_pool2d(x.unsqueeze(0), (1, k), stride=1, padding=(0, r), count_include_pad=False)
-    x = F.avg_pool2d(x, (k, 1), stride=1, padding=(r, 0), count_include_pad=False)
-    return x.squeeze(0)
+    """Mean over a (2r+1)^2 window clipped at the borders, x: [C, H, W].
+
+    Separable running sums (cumsum): O(1) per pixel whatever r. Sides are <= MAX_FILTER_SIDE, so the
+    float32 prefix sums stay exact to ~1e-5.
+    """
+    for dim in (2, 1):
+        n = x.shape[dim]
+        c = F.pad(torch.cumsum(x, dim), (1, 0) if dim == 2 else (0, 0, 1, 0))
+        i = torch.arange(n, device=x.device)
+        hi, lo = (i + r + 1).clamp(max=n), (i - r).clamp(min=0)
+        count = (hi - lo).to(x.dtype).view((1, 1, n) if dim == 2 else (1, n, 1))
+        x = (c.index_select(dim, hi) - c.index_select(dim, lo)) / count
+    return x
 
 
 def guided_filter(
@@ -62,15 +70,16 @@ def guided_filter(
     Ip = (gi[None] * p[:, None]).reshape(n * 3, h, w)
     cov_Ip = _box(Ip, r).reshape(n, 3, h, w) - mean_I[None] * mean_p[:, None]
     ii, jj = torch.triu_indices(3, 3)
-    var = _box(gi[ii] * gi[jj], r) - mean_I[ii] * mean_I[jj]  # [6,h,w] upper triangle
-    sigma = torch.empty(h, w, 3, 3, dtype=gi.dtype, device=gi.device)
-    for t, (a, b) in enumerate(zip(ii.tolist(), jj.tolist(), strict=True)):
-        sigma[..., a, b] = var[t]
-        sigma[..., b, a] = var[t]
-    sigma += eps * torch.eye(3, dtype=gi.dtype, device=gi.device)
-    rhs = cov_Ip.permute(2, 3, 1, 0)  # [h,w,3,n]
-    a = torch.linalg.solve(sigma, rhs)  # [h,w,3,n]
-    a = a.permute(3, 2, 0, 1)  # [n,3,h,w]
+    var = _box(gi[ii] * gi[jj], r) - mean_I[ii] * mean_I[jj]  # [6,h,w]: s00 s01 s02 s11 s12 s22
+    s00, s01, s02, s11, s12, s22 = var + eps * torch.tensor(
+        [1, 0, 0, 1, 0, 1], dtype=gi.dtype, device=gi.device
+    ).view(6, 1, 1)
+    # Closed-form inverse of the symmetric positive definite 3x3 (cofactors): elementwise, GPU-friendly.
+    c00, c01, c02 = s11 * s22 - s12 * s12, s02 * s12 - s01 * s22, s01 * s12 - s02 * s11
+    c11, c12, c22 = s00 * s22 - s02 * s02, s01 * s02 - s00 * s12, s00 * s11 - s01 * s01
+    inv_det = 1.0 / (s00 * c00 + s01 * c01 + s02 * c02)
+    inv = torch.stack([c00, c01, c02, c01, c11, c12, c02, c12, c22]).view(3, 3, h, w) * inv_det
+    a = torch.einsum("ijhw,njhw->nihw", inv, cov_Ip)  # [n,3,h,w]
     b = mean_p - (a * mean_I[None]).sum(1)
     mean_a = _box(a.reshape(n * 3, h, w), r)
     mean_b = _box(b, r)

@@ -123,5 +123,6 @@ def lanczos_fiedler(
     if bool((res >= tol).any()):
         logger.warning("lanczos: %d/%d images not converged after %d matvecs (max residual %.2e)",
                        int((res >= tol).sum()), B, matvecs, float(res.max()))
+    logger.debug("lanczos: B=%d N=%d converged after %d matvecs per image", B, N, matvecs)
     x = y / sd
     return x, 1.0 - theta

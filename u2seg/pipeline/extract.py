@@ -152,6 +152,9 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         ds = ray.data.read_parquet(manifest, filesystem=root.pyarrow_fs(), columns=["image_id", "uri"])
         if len(done):
             ds = ds.map_batches(_filter_done, batch_format="pyarrow", fn_kwargs={"done": done})
+        # Small manifest rows make one read block of a whole manifest; split it so an actor task (the unit
+        # of parallelism and of retry after a lost actor or node) carries rows_per_part images, not all.
+        ds = ds.repartition(target_num_rows_per_block=ex.rows_per_part)
         gpus = ex.gpus_per_actor
         if gpus == 0 and resolve_device(cfg.run.device) == "cuda" and ray.cluster_resources().get("GPU", 0):
             gpus = 1.0

@@ -25,6 +25,11 @@ STAGE_FUNCTIONS: dict[str, tuple[str, str]] = {
     "evaluate": ("u2seg.pipeline.evaluate", "run_evaluate"),
 }
 NEEDS_RAY = {"extract", "cluster", "label", "train"}
+# What each stage writes besides its `<stage>/` marker folder: wiped when the stage's config changes.
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "manifest": ("manifest",), "extract": ("extract",), "cluster": ("cluster",), "label": ("labels",),
+    "train": ("train", "predict", "selftrain"), "evaluate": ("eval",),
+}
 
 
 def open_root(cfg: U2SegConfig) -> RunRoot:
@@ -63,6 +68,17 @@ def stage_function(stage: str) -> Callable[[U2SegConfig, RunRoot], dict[str, Any
     return getattr(importlib.import_module(module), name)
 
 
+def _claim_outputs(root: RunRoot, stage: str, config_hash: str) -> None:
+    """Partial outputs of an interrupted run with the same config are kept (the stage resumes from them);
+    outputs made with another config are removed first, so a rerun never mixes two configs."""
+    started = f"{stage}/_STARTED"
+    if root.exists(started) and root.read_json(started).get("config_hash") != config_hash:
+        log.info("%s: config changed since the last run: removing its outputs %s", stage, STAGE_OUTPUTS[stage])
+        for rel in (*STAGE_OUTPUTS[stage], f"{stage}/_SUCCESS"):
+            root.remove(rel, recursive=True)
+    root.write_json(started, {"config_hash": config_hash, "started_at": time.time()})
+
+
 def run_stage(stage: str, cfg: U2SegConfig, *, force: bool = False) -> dict[str, Any]:
     """Run ``stage`` unless its ``_SUCCESS`` marker holds this config's stage hash; return its stats."""
     root = open_root(cfg)
@@ -73,6 +89,7 @@ def run_stage(stage: str, cfg: U2SegConfig, *, force: bool = False) -> dict[str,
         log.info("%s: already done with config %s, skipped", stage, h)
         stats = root.read_json(stage, "stats.json") if root.exists(stage, "stats.json") else {}
         return {**stats, "skipped": True}
+    _claim_outputs(root, stage, h)
     if stage in NEEDS_RAY:
         ensure_ray(cfg)
     t0 = time.time()

@@ -1,0 +1,199 @@
+"""The train stage on Ray Train: DDP workers fed by Ray Data, checkpoints in the run root.
+
+``train/round-R/`` holds Ray Train's checkpoints (``RunConfig(storage_path=<root>/train,
+name=round-R)``, local or S3) plus ``metrics.jsonl`` and ``model.pt`` (the final model, for predict).
+A lost worker restarts the worker group from the latest checkpoint (``FailureConfig``); rerunning the
+same command resumes the same run name from its latest checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+from u2seg.config import U2SegConfig, config_from_dict
+from u2seg.io import RunRoot
+from u2seg.pipeline.train_data import label_set_rows, load_samples
+
+log = logging.getLogger(__name__)
+
+CKPT_FILE = "model.pt"
+
+
+def model_config(cfg: U2SegConfig, k_things: int, k_stuff: int) -> Any:
+    from u2seg.model import ModelConfig
+
+    tc = cfg.train
+    return ModelConfig(backbone=tc.backbone, weights=tc.weights, num_thing_classes=k_things,
+                       num_stuff_classes=k_stuff, image_size=224, min_size=min(800, tc.image_size),
+                       max_size=tc.image_size, drop_loss_iou=tc.drop_loss_iou, seed=cfg.run.seed)
+
+
+def augment_config(cfg: U2SegConfig) -> Any:
+    from u2seg.model import AugmentConfig
+
+    s = cfg.train.image_size
+    shorts = tuple(sorted({max(32, int(s * f)) for f in (0.5, 0.625, 0.75, 0.875, 1.0)}))
+    return AugmentConfig(short_sizes=shorts, max_size=s, copy_paste_prob=1.0 if cfg.train.copy_paste else 0.0)
+
+
+class _DDPStep:
+    """What u2seg.model.train_step needs of a model (device, cfg, train(), parameters(), call), over DDP."""
+
+    def __init__(self, ddp: Any, model: Any):
+        self.ddp, self.device, self.cfg = ddp, model.device, model.cfg
+
+    def train(self) -> None:
+        self.ddp.train()
+
+    def parameters(self) -> Any:  # train_step clips gradients over these
+        return self.ddp.parameters()
+
+    def __call__(self, *args: Any) -> Any:
+        return self.ddp(*args)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One DDP rank: build, maybe restore, then step through its Ray Data shard until ``steps``."""
+    import ray.train
+    import torch
+
+    from u2seg.model import augment_batch, build_model, model_from_bytes, model_to_bytes, targets_from_labels
+    from u2seg.model.train import train_step
+
+    cfg = config_from_dict(config["cfg"])
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    use_cuda = torch.cuda.is_available() and config["use_gpu"]
+    device = torch.device(f"cuda:{ctx.get_local_rank()}" if use_cuda else "cpu")
+    torch.manual_seed(cfg.run.seed)
+    if not use_cuda:
+        torch.set_num_threads(max(1, int(config.get("cpu_threads", 1))))
+    mcfg = model_config(cfg, config["k_things"], config["k_stuff"])
+    model = build_model(mcfg).to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
+                                  weight_decay=tc.weight_decay)
+    step = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d, open(os.path.join(d, CKPT_FILE), "rb") as fh:
+            _, extra = model_from_bytes(fh.read(), map_location=device, optimizer=optimizer, model=model)
+        step = int(extra["step"])
+        if rank == 0:
+            log.info("train: resumed from checkpoint at step %d", step)
+    net: Any = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=True)
+        net = _DDPStep(ddp, model)
+    scaler = torch.amp.GradScaler("cuda") if use_cuda and mcfg.amp == "fp16" else None
+    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + step)
+    aug = augment_config(cfg)
+    shard = ray.train.get_dataset_shard("train")
+    history: list[dict[str, Any]] = []
+    start_step, t0 = step, time.time()
+    while step < tc.steps:
+        for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
+            samples = [targets_from_labels(img, seg, json.loads(str(segs)), config["k_things"])
+                       for img, seg, segs in zip(batch["image"], batch["seg"], batch["segments"], strict=True)]
+            samples = [s for s in samples if len(s["boxes"])] or samples
+            losses = train_step(net, optimizer, augment_batch(samples, aug, gen), scaler, max_grad_norm=1.0)
+            step += 1
+            elapsed = time.time() - t0  # since this attempt's first step: a resumed run counts only its own
+            metrics = {"step": step, "rank": rank, "start_step": start_step, "elapsed_s": round(elapsed, 4),
+                       "images_per_s": round((step - start_step) * tc.batch_size * world / max(elapsed, 1e-9), 4),
+                       **losses}
+            history.append(metrics)
+            last = step >= tc.steps
+            if step % tc.checkpoint_every == 0 or last:
+                with tempfile.TemporaryDirectory() as d:
+                    ckpt_obj = None
+                    if rank == 0:
+                        with open(os.path.join(d, CKPT_FILE), "wb") as fh:
+                            fh.write(model_to_bytes(model, optimizer=optimizer, extra={"step": step}))
+                        ckpt_obj = ray.train.Checkpoint.from_directory(d)
+                    ray.train.report(metrics, checkpoint=ckpt_obj)
+            if last:
+                break
+    if rank == 0:
+        root: RunRoot = config["root"]
+        prev = root.read_text(config["metrics_rel"]) if root.exists(config["metrics_rel"]) else ""
+        root.write_text(config["metrics_rel"], prev + "".join(json.dumps(h) + "\n" for h in history))
+        root.write_bytes(config["model_rel"], model_to_bytes(model, extra={"step": step}))
+
+
+def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int, label_dir: str) -> dict[str, Any]:
+    """Train ``train/round-R`` on the label set ``label_dir``; resumes a killed or rerun round."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from u2seg.pipeline.cluster import load_npy
+
+    tc = cfg.train
+    k_things = len(load_npy(root, "cluster/things.npy"))
+    k_stuff = len(load_npy(root, "cluster/stuff.npy"))
+    rows = label_set_rows(root, label_dir)
+    storage = cfg.run.storage.storage_options()
+    ds = ray.data.from_items(rows).map_batches(
+        load_samples, batch_size=max(1, tc.batch_size), num_cpus=1,
+        fn_kwargs={"root": root, "max_side": tc.image_size, "storage_options": storage})
+    gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and gpus >= tc.num_workers)
+    name = f"round-{round_idx}"
+    run_config = ray.train.RunConfig(
+        name=name, storage_path=root.path("train"),
+        storage_filesystem=None if root.is_local else root.pyarrow_fs(),
+        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.to_dict(), "k_things": k_things, "k_stuff": k_stuff, "root": root,
+                           "use_gpu": use_gpu, "metrics_rel": f"train/{name}/metrics.jsonl",
+                           "model_rel": f"train/{name}/{CKPT_FILE}", "cpu_threads": 1},
+        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker=None if use_gpu else {"CPU": 1}),
+        datasets={"train": ds},
+        run_config=run_config,
+    )
+    t0 = time.time()
+    result = trainer.fit()
+    wall = time.time() - t0
+    final = dict(result.metrics or {})
+    log.info("train %s: %s", name, {k: final.get(k) for k in ("step", "loss_total")})
+    return {"round": round_idx, "steps": int(final.get("step", 0)), "loss_total": final.get("loss_total"),
+            "train_images": len(rows), "workers": tc.num_workers, "use_gpu": use_gpu,
+            "train_seconds": round(wall, 1), "label_dir": label_dir,
+            "samples_per_s": final.get("images_per_s")}
+
+
+def run_train(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
+    """Round 0 on the pseudo-labels, then ``train.rounds`` self-training rounds (predict, relabel, train)."""
+    from u2seg.pipeline.selftrain import self_training_rounds
+
+    first = run_train_round(cfg, root, 0, "labels")
+    rounds = self_training_rounds(cfg, root, start_round=1, rounds=cfg.train.rounds)
+    return {**first, "rounds": [first, *rounds], "steps": sum(r["steps"] for r in [first, *rounds])}
+
+
+def final_model_rel(round_idx: int) -> str:
+    return f"train/round-{round_idx}/{CKPT_FILE}"
+
+
+def latest_round(root: RunRoot) -> int:
+    """Highest finished training round (its model.pt exists), or -1."""
+    rounds = [int(n.split("-")[1]) for n in _dirs(root, "train") if n.startswith("round-")]
+    done = [r for r in rounds if root.exists(final_model_rel(r))]
+    return max(done) if done else -1
+
+
+def _dirs(root: RunRoot, rel: str) -> list[str]:
+    try:
+        return sorted(os.path.basename(p.rstrip("/")) for p in root.fs.ls(root.path(rel), detail=False))
+    except FileNotFoundError:
+        return []
