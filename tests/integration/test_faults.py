@@ -181,8 +181,12 @@ def run_logged(args: list[str], env: dict[str, str], log_path: str,
 
 
 def tail(path: str, n: int = 4000) -> str:
+    """The end of a subprocess log, keeping our own log records and errors (Ray's chatter dropped)."""
     with open(path, "rb") as fh:
-        return fh.read()[-n:].decode(errors="replace")
+        lines = fh.read().decode(errors="replace").splitlines()
+    marks = ("u2seg", "Error", "Traceback", "RESULT")
+    keep = [ln for ln in lines if any(m in ln for m in marks)]
+    return "\n".join(keep)[-n:]
 
 
 # ----------------------------------------------------------------------------------------------- 1. actor
@@ -203,13 +207,14 @@ def test_killed_maskcut_actor_is_restarted_and_nothing_is_lost(ray_cluster, synt
     os.kill(victim["Pid"], signal.SIGKILL)  # a crash (OOM kill, segfault), not a polite ray.kill
     job.join(240)
     assert job.error is None, f"extract failed after an actor was killed: {job.error!r}"
-    restarts = sum(a["NumRestarts"] for a in maskcut_actors(None) if a["ActorID"] not in before)
+    ours = [a for a in maskcut_actors(None) if a["ActorID"] not in before]
+    restarts = sum(a["NumRestarts"] for a in ours)
     counts = check_extract_exactly_once(root)
     assert counts["images"] == 24 and counts["errors"] == 0 and counts["masks"] > 0
-    assert restarts >= 1, "the killed actor was neither restarted nor replaced"
+    assert restarts >= 1 or len(ours) > cfg.extract.num_actors, "the killed actor was not restarted/replaced"
     assert job.result["processed_now"] == 24
     report("actor_kill", images=counts["images"], errors=counts["errors"], masks=counts["masks"],
-           done_at_kill=done_at_kill, actor_restarts=restarts, reruns=0)
+           done_at_kill=done_at_kill, actor_restarts=restarts, actors_created=len(ours), reruns=0)
 
 
 # ----------------------------------------------------------------------------------------------- 2. node
@@ -427,7 +432,7 @@ def test_sigkilled_driver_resumes_to_the_same_result(ray_cluster, synthetic_worl
         try:
             wait_for(lambda: killed.list("extract/images", ".parquet") or driver.poll() is not None, 420,
                      "the first ledger part", every=0.05)
-            assert driver.poll() is None, f"the driver ended before the kill: {tail(log_path)}"
+            assert driver.poll() is None, f"driver exited ({driver.returncode}) early:\n{tail(log_path)}"
             ports = gcs_ports(ray_tmp)
             os.killpg(driver.pid, signal.SIGKILL)
             parts_at_kill = len(killed.list("extract/images", ".parquet"))

@@ -72,6 +72,31 @@ def _sign_changes(eigvecs: list[torch.Tensor], grid: tuple[int, int]) -> tuple[i
     return changed, total
 
 
+def _image_record(keys: torch.Tensor, grid: tuple[int, int], tau: float, n_masks: int) -> dict:
+    """Both solvers on one image's features -> the per-image numbers the summary aggregates."""
+    t0 = time.perf_counter()
+    md, vd, sd = maskcut_detailed(keys, grid, tau=tau, n_masks=n_masks, solver="dense", keep_eigvecs=True)
+    t1 = time.perf_counter()
+    ml, vl, sl = maskcut_detailed(keys, grid, tau=tau, n_masks=n_masks, solver="lanczos")
+    t2 = time.perf_counter()
+    changed, n_cuts = _sign_changes(sd.eigvecs, grid)
+    return {
+        "dense_s": t1 - t0, "lanczos_s": t2 - t1, "dense_solve_s": sd.solve_s, "lanczos_solve_s": sl.solve_s,
+        "ious": _pair_ious(md[0], vd[0], ml[0], vl[0]), "valid_dense": vd[0].tolist(),
+        "valid_lanczos": vl[0].tolist(), "sign_changed": changed, "cuts": n_cuts,
+    }
+
+
+def _load_records(path: str | None) -> dict[int, dict]:
+    if not path:
+        return {}
+    try:
+        with open(path) as fh:
+            return {r["index"]: r for r in map(json.loads, filter(str.strip, fh))}
+    except FileNotFoundError:
+        return {}
+
+
 def bench_maskcut(
     n_images: int = 20,
     image_size: int = 480,
@@ -79,11 +104,14 @@ def bench_maskcut(
     n_masks: int = 3,
     seed: int = 0,
     tau: float = 0.15,
+    records_path: str | None = None,
 ) -> dict:
     """Run dense and Lanczos MaskCut on the same features; return timings and agreement numbers.
 
     Times are per image (batch of 1), affinity + solver + rules, on whatever device torch defaults to
-    (CPU here). `lanczos_batched_per_image_s` runs all images as one batch.
+    (CPU here). `lanczos_batched_per_image_s` runs all images as one batch. The dense side takes
+    minutes per image: with `records_path` each image's numbers are appended to that JSON-lines file
+    as they finish, and images already recorded there (same settings) are not run again.
     """
     images = _bench_images(n_images, seed)
     model = build_backbone(backbone, "none", image_size=image_size, seed=seed)
@@ -96,58 +124,59 @@ def bench_maskcut(
         backbone_s.append(time.perf_counter() - t0)
         feats.append(f.keys)
     grid = f.grid
-    dense_s, lanczos_s, dense_solve_s, lanczos_solve_s, ious = [], [], [], [], []
-    valid_agree = valid_total = changed = n_cuts = 0
+    settings = {"n_images": n_images, "image_size": image_size, "backbone": backbone, "n_masks": n_masks,
+                "seed": seed, "tau": tau}
+    done = {i: r for i, r in _load_records(records_path).items() if r.get("settings") == settings}
+    records = []
     for i, keys in enumerate(feats):
-        t0 = time.perf_counter()
-        md, vd, sd = maskcut_detailed(keys, grid, tau=tau, n_masks=n_masks, solver="dense", keep_eigvecs=True)
-        t1 = time.perf_counter()
-        ml, vl, sl = maskcut_detailed(keys, grid, tau=tau, n_masks=n_masks, solver="lanczos")
-        t2 = time.perf_counter()
-        dense_s.append(t1 - t0)
-        lanczos_s.append(t2 - t1)
-        dense_solve_s.append(sd.solve_s)
-        lanczos_solve_s.append(sl.solve_s)
-        img_ious = _pair_ious(md[0], vd[0], ml[0], vl[0])
-        ious += img_ious
-        valid_agree += int((vd == vl).sum())
-        valid_total += vd.numel()
-        c, t = _sign_changes(sd.eigvecs, grid)
-        changed += c
-        n_cuts += t
-        logger.info("image %d/%d: dense %.2fs lanczos %.3fs ious %s valid %s/%s",
-                    i + 1, len(feats), t1 - t0, t2 - t1, [round(v, 3) for v in img_ious],
-                    vd[0].tolist(), vl[0].tolist())
+        if i in done:
+            records.append(done[i])
+            continue
+        rec = {"index": i, "settings": settings, **_image_record(keys, grid, tau, n_masks)}
+        records.append(rec)
+        if records_path:
+            with open(records_path, "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        logger.info("image %d/%d: dense %.2fs lanczos %.3fs ious %s valid %s/%s", i + 1, len(feats),
+                    rec["dense_s"], rec["lanczos_s"], [round(v, 3) for v in rec["ious"]],
+                    rec["valid_dense"], rec["valid_lanczos"])
     batch = torch.cat(feats)
     t0 = time.perf_counter()
     maskcut_detailed(batch, grid, tau=tau, n_masks=n_masks, solver="lanczos")
     batched = (time.perf_counter() - t0) / max(1, len(feats))
-    mean = lambda v: float(np.mean(v)) if v else float("nan")  # noqa: E731
+    return _summary(records, settings, grid, backbone_s, batched, str(batch.device))
+
+
+def _summary(records: list[dict], settings: dict, grid: tuple[int, int], backbone_s: list[float],
+             batched: float, device: str) -> dict:
+    def mean(v: list[float]) -> float:
+        return float(np.mean(v)) if v else float("nan")
+
+    col = lambda key: [r[key] for r in records]  # noqa: E731
+    ious = [v for r in records for v in r["ious"]]
+    valid_pairs = [(a, b) for r in records for a, b in zip(r["valid_dense"], r["valid_lanczos"], strict=True)]
+    changed, cuts = sum(col("sign_changed")), sum(col("cuts"))
     return {
-        "n_images": n_images,
-        "image_size": image_size,
+        **settings,
         "grid": list(grid),
-        "backbone": backbone,
-        "n_masks": n_masks,
-        "tau": tau,
-        "device": str(batch.device),
+        "device": device,
         "torch_threads": torch.get_num_threads(),
         "backbone_s": backbone_s,
-        "dense_s": dense_s,
-        "lanczos_s": lanczos_s,
-        "dense_mean_s": mean(dense_s),
-        "lanczos_mean_s": mean(lanczos_s),
-        "speedup": mean(dense_s) / mean(lanczos_s),
-        "dense_solver_mean_s": mean(dense_solve_s),
-        "lanczos_solver_mean_s": mean(lanczos_solve_s),
-        "solver_speedup": mean(dense_solve_s) / mean(lanczos_solve_s),
+        "dense_s": col("dense_s"),
+        "lanczos_s": col("lanczos_s"),
+        "dense_mean_s": mean(col("dense_s")),
+        "lanczos_mean_s": mean(col("lanczos_s")),
+        "speedup": mean(col("dense_s")) / mean(col("lanczos_s")),
+        "dense_solver_mean_s": mean(col("dense_solve_s")),
+        "lanczos_solver_mean_s": mean(col("lanczos_solve_s")),
+        "solver_speedup": mean(col("dense_solve_s")) / mean(col("lanczos_solve_s")),
         "lanczos_batched_per_image_s": batched,
         "mean_iou": mean(ious),
         "n_iou_pairs": len(ious),
-        "valid_agreement": valid_agree / max(1, valid_total),
+        "valid_agreement": mean([float(a == b) for a, b in valid_pairs]),
         "sign_convention_changed": changed,
-        "sign_convention_cuts": n_cuts,
-        "sign_convention_changed_fraction": changed / max(1, n_cuts),
+        "sign_convention_cuts": cuts,
+        "sign_convention_changed_fraction": changed / max(1, cuts),
     }
 
 
@@ -158,9 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backbone", default="vit_small_patch8_224.dino")
     parser.add_argument("--n-masks", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--records", default=None, help="JSON-lines file of per-image results (resumable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    result = bench_maskcut(args.n_images, args.image_size, args.backbone, args.n_masks, args.seed)
+    result = bench_maskcut(args.n_images, args.image_size, args.backbone, args.n_masks, args.seed,
+                           records_path=args.records)
     logger.info("result %s", json.dumps(result))
     return result
 

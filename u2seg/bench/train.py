@@ -44,17 +44,22 @@ def labelled_run_root(tmp: str, n_images: int, seed: int = 0) -> tuple[U2SegConf
     return cfg, open_root(cfg)
 
 
-def step_rates(history: list[dict[str, Any]], per_step_samples: int) -> dict[str, Any]:
-    """Samples/s from rank 0's per-step records (``elapsed_s`` since the attempt's first batch was asked for)."""
+def step_rates(history: list[dict[str, Any]], batch_size: int, workers: int) -> dict[str, Any]:
+    """Samples/s and CPU s/sample from rank 0's per-step records (``elapsed_s``, ``cpu_s`` of train.py)."""
     rows = sorted((h for h in history if h.get("rank", 0) == 0), key=lambda h: h["step"])
+    if not rows:
+        raise ValueError("no per-step records of rank 0 in metrics.jsonl")
+    first, last = rows[0], rows[-1]
     if len(rows) > 1:  # steady state: from the end of step 1 to the end of the last step
-        steps, seconds = rows[-1]["step"] - rows[0]["step"], rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+        steps, seconds = last["step"] - first["step"], last["elapsed_s"] - first["elapsed_s"]
+        cpu = last["cpu_s"] - first["cpu_s"]
     else:
-        steps, seconds = len(rows), rows[0]["elapsed_s"] if rows else 0.0
-    total = steps * per_step_samples / seconds if seconds > 0 else 0.0
-    return {"timed_steps": steps, "timed_s": round(seconds, 3),
-            "first_step_s": round(rows[0]["elapsed_s"], 3) if rows else None,
-            "samples_per_s_total": round(total, 4)}
+        steps, seconds, cpu = 1, first["elapsed_s"], first["cpu_s"]
+    total = steps * batch_size * workers / seconds if seconds > 0 else 0.0
+    return {"timed_steps": steps, "timed_s": round(seconds, 3), "first_step_s": round(first["elapsed_s"], 3),
+            "samples_per_s_total": round(total, 4), "samples_per_s_per_worker": round(total / workers, 4),
+            # CPU seconds rank 0 spent per sample it trained: the work's cost, whatever else the machine runs
+            "rank0_cpu_s_per_sample": round(cpu / (steps * batch_size), 4)}
 
 
 def train_once(cfg: U2SegConfig, root: RunRoot, workers: int, steps: int, image_size: int, backbone: str,
@@ -70,11 +75,10 @@ def train_once(cfg: U2SegConfig, root: RunRoot, workers: int, steps: int, image_
     t0 = time.time()
     stats = run_train_round(tcfg, root, 0, "labels")
     wall = time.time() - t0
-    history = [json.loads(line) for line in root.read_text("train/round-0/metrics.jsonl").splitlines() if line]
-    rates = step_rates(history, batch_size * workers)
+    lines = root.read_text("train/round-0/metrics.jsonl").splitlines()
+    history = [json.loads(line) for line in lines if line]
     out = {"workers": workers, "steps": stats["steps"], "fit_wall_s": round(wall, 2),
-           "loss_total": stats["loss_total"], **rates,
-           "samples_per_s_per_worker": round(rates["samples_per_s_total"] / workers, 4)}
+           "loss_total": stats["loss_total"], **step_rates(history, batch_size, workers)}
     log.info("bench train: %s", out)
     return out
 
@@ -101,6 +105,8 @@ def bench_train(steps: int, image_size: int, backbone: str, *, n_images: int = 8
             ray.shutdown()
     one, two = runs
     ratio = two["samples_per_s_total"] / one["samples_per_s_total"] if one["samples_per_s_total"] else 0.0
+    cpu_one = one["rank0_cpu_s_per_sample"]
+    cpu_ratio = two["rank0_cpu_s_per_sample"] / cpu_one if cpu_one else 0.0
     return {
         "config": {"steps": steps, "image_size": image_size, "backbone": backbone, "n_images": n_images,
                    "batch_size_per_worker": batch_size, "device": "cpu", "torch_threads_per_worker": 1,
@@ -110,4 +116,5 @@ def bench_train(steps: int, image_size: int, backbone: str, *, n_images: int = 8
         "workers_2": two,
         "throughput_ratio_2_vs_1": round(ratio, 3),
         "scaling_efficiency": round(ratio / 2, 3),
+        "cpu_per_sample_ratio_2_vs_1": round(cpu_ratio, 3),  # > 1: DDP overhead (allreduce, gloo threads)
     }

@@ -96,7 +96,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     aug = augment_config(cfg)
     shard = ray.train.get_dataset_shard("train")
     history: list[dict[str, Any]] = []
-    start_step, t0 = step, time.time()
+    start_step, t0, cpu0 = step, time.time(), time.process_time()
     while step < tc.steps:
         for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
             samples = [targets_from_labels(img, seg, json.loads(str(segs)), config["k_things"])
@@ -104,10 +104,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples = [s for s in samples if len(s["boxes"])] or samples
             losses = train_step(net, optimizer, augment_batch(samples, aug, gen), scaler, max_grad_norm=1.0)
             step += 1
-            elapsed = time.time() - t0  # since this attempt's first step: a resumed run counts only its own
+            elapsed = time.time() - t0  # this attempt's own steps only: a resumed run starts at start_step
+            rate = (step - start_step) * tc.batch_size * world / max(elapsed, 1e-9)
             metrics = {"step": step, "rank": rank, "start_step": start_step, "elapsed_s": round(elapsed, 4),
-                       "images_per_s": round((step - start_step) * tc.batch_size * world / max(elapsed, 1e-9), 4),
-                       **losses}
+                       "cpu_s": round(time.process_time() - cpu0, 4), "images_per_s": round(rate, 4), **losses}
             history.append(metrics)
             last = step >= tc.steps
             if step % tc.checkpoint_every == 0 or last:
