@@ -86,6 +86,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step = int(extra["step"])
         if rank == 0:
             log.info("train: resumed from checkpoint at step %d", step)
+    elif config.get("init_model_rel"):  # a self-training round starts from the previous round's model (CutLER)
+        model_from_bytes(config["root"].read_bytes(config["init_model_rel"]), map_location=device, model=model)
+        if rank == 0:
+            log.info("train: initialised from %s", config["init_model_rel"])
     net: Any = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
@@ -146,6 +150,8 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int, label_dir: 
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and gpus >= tc.num_workers)
     name = f"round-{round_idx}"
+    prev = final_model_rel(round_idx - 1)
+    init = prev if round_idx > 0 and root.exists(prev) else None
     run_config = ray.train.RunConfig(
         name=name, storage_path=root.path("train"),
         storage_filesystem=None if root.is_local else root.pyarrow_fs(),
@@ -155,7 +161,7 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int, label_dir: 
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "k_things": k_things, "k_stuff": k_stuff, "root": root,
                            "use_gpu": use_gpu, "metrics_rel": f"train/{name}/metrics.jsonl",
-                           "model_rel": f"train/{name}/{CKPT_FILE}", "cpu_threads": 1},
+                           "model_rel": f"train/{name}/{CKPT_FILE}", "cpu_threads": 1, "init_model_rel": init},
         scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu else {"CPU": 1}),
         datasets={"train": ds},
