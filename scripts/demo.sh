@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
 export RAY_USAGE_STATS_ENABLED=0
-N="${U2SEG_DEMO_IMAGES:-32}"
+N="${U2SEG_DEMO_IMAGES:-16}"
 if [ ! -f runs/demo-data/gt/panoptic.json ]; then
   u2seg synth --n "$N" --out runs/demo-data --min-size 160 --max-size 256
 fi
