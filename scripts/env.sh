@@ -19,7 +19,8 @@ if [ ! -x "$VENV/bin/python" ] || [ ! -f "$VENV/.complete" ]; then
   "$VENV/bin/pip" install --quiet -e "$REPO[dev]"
   touch "$VENV/.complete"
 fi
-# the clone may have moved: (re)install it editable, no dependency resolution (fast)
-"$VENV/bin/pip" install --quiet --no-deps -e "$REPO" >/dev/null 2>&1
+# Several clones may share one environment: this clone's code comes first on the path (Ray workers
+# inherit it), whichever clone the environment's editable install points at.
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PATH="$VENV/bin:$PATH"
 export VIRTUAL_ENV="$VENV"
