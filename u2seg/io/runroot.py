@@ -238,7 +238,7 @@ class RunRoot:
         probe = f"_probe/{uuid.uuid4().hex}"
         try:
             self.write_bytes(probe, b"ok")
-            self.remove(probe)
+            self.remove("_probe", recursive=True)
         except Exception as exc:  # any backend error means the same thing to the user
             raise RunRootError(f"run root {self.uri} is not writable: {type(exc).__name__}: {exc}") from exc
 
