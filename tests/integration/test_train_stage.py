@@ -6,6 +6,8 @@ worker process is SIGKILLed (a crash, not a polite ``ray.kill``); the round must
 the steps it records must start after a checkpoint (resumed), not at 1 (restarted). A second
 ``run_train_round`` of the same round must resume at step 6 and train nothing. Then predict writes
 ``predict/round-0`` in the label format, which must load in pycocotools and pass the panoptic rules.
+The run is a module fixture and the three checks are separate tests, each with its own timeout: on this
+shared 2-core machine the labelled run root plus the killed training alone take 10-14 minutes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,8 @@ pytestmark = pytest.mark.integration
 
 STEPS, EVERY = 6, 2
 TRAIN_KNOBS = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.num_workers=2",
-               "train.batch_size=1", "train.image_size=96", "train.rounds=0", "train.max_failures=3"]
+               "train.batch_size=1", "train.image_size=96", "train.rounds=0", "train.max_failures=3",
+               "cluster.num_shards=1"]
 WORKER_CLASS = "RayTrainWorker"  # Ray Train V2's per-rank actor (ray/train/v2/.../worker_group/worker.py)
 
 
@@ -84,11 +88,28 @@ def train_worker_pids() -> list[int]:
                   if WORKER_CLASS in a["ActorClassName"] and a["State"] == "ALIVE" and a["Pid"])
 
 
-@pytest.fixture
-def labelled_s3_run(ray_cluster, s3, synthetic_world):
-    """6 synthetic images on S3 and a run root on S3 whose label stage is done."""
+@dataclass
+class KilledRun:
+    """A trained round-0 whose first attempt lost a worker, and what the test saw while it ran."""
+
+    cfg: Any
+    root: RunRoot
+    stats: dict[str, Any]
+    checkpoint_step: int
+    killed_pid: int
+    killed_at_s: float
+    stages_s: float
+    train_s: float
+
+
+@pytest.fixture(scope="module")
+def killed_run(ray_cluster, s3, synthetic_world) -> KilledRun:
+    """6 images on S3 labelled (manifest/extract/cluster/label), then round 0 trained on 2 workers while
+    one worker is SIGKILLed right after the first checkpoint is registered in S3."""
     import s3fs
     from helpers import tiny_config
+
+    from u2seg.pipeline.train import run_train_round
 
     t0 = time.time()
     fs = s3fs.S3FileSystem(skip_instance_cache=True, **s3.storage_options())
@@ -99,7 +120,25 @@ def labelled_s3_run(ray_cluster, s3, synthetic_world):
     cfg = tiny_config(root_uri, [f"s3://{data}/images"], s3, *TRAIN_KNOBS)
     for stage in ("manifest", "extract", "cluster", "label"):
         run_stage(stage, cfg)
-    return cfg, RunRoot(root_uri, cfg.run.storage.storage_options()), fs, time.time() - t0
+    root = RunRoot(root_uri, cfg.run.storage.storage_options())
+    stages_s = time.time() - t0
+
+    t1 = time.time()
+    job = Background(run_train_round, cfg, root, 0, "labels")
+    prefix = root.path("train", "round-0")
+    ckpt_step = None
+    while ckpt_step is None:
+        assert job.alive(), f"training ended before its first checkpoint: {job.error or job.result}"
+        assert time.time() - t1 < 600, "no checkpoint registered in S3 within 600s"
+        time.sleep(0.2)
+        ckpt_step = registered_checkpoint_step(fs, prefix)
+    pids = train_worker_pids()
+    assert len(pids) == 2, f"expected 2 live {WORKER_CLASS} actors, found pids {pids}"
+    assert job.alive(), "training finished before a worker could be killed"
+    os.kill(pids[-1], signal.SIGKILL)  # the workers of the local 2-node cluster run on this machine
+    killed_at = time.time() - t1
+    stats = job.join(600)
+    return KilledRun(cfg, root, stats, ckpt_step, pids[-1], killed_at, stages_s, time.time() - t1)
 
 
 def metric_steps(root: RunRoot) -> list[int]:
@@ -108,55 +147,50 @@ def metric_steps(root: RunRoot) -> list[int]:
 
 
 @pytest.mark.timeout(900)
-def test_killed_worker_resumes_from_checkpoint_then_rerun_and_predict(labelled_s3_run, tmp_path):
-    from pycocotools.coco import COCO
-
-    from u2seg.labels import decode_panoptic_png, validate_panoptic
-    from u2seg.model import model_from_bytes
-    from u2seg.pipeline.predict import run_predict
-    from u2seg.pipeline.train import run_train_round
-
-    cfg, root, fs, prep_s = labelled_s3_run
-    prefix = root.path("train", "round-0")
-    t0 = time.time()
-    job = Background(run_train_round, cfg, root, 0, "labels")
-
-    ckpt_step = None
-    while ckpt_step is None:
-        assert job.alive(), f"training ended before its first checkpoint: {job.error or job.result}"
-        assert time.time() - t0 < 600, "no checkpoint registered in S3 within 600s"
-        time.sleep(0.2)
-        ckpt_step = registered_checkpoint_step(fs, prefix)
-    pids = train_worker_pids()
-    assert len(pids) == 2, f"expected 2 live {WORKER_CLASS} actors, found pids {pids}"
-    assert job.alive(), "training finished before a worker could be killed"
-    os.kill(pids[-1], signal.SIGKILL)  # the workers of the local 2-node cluster run on this machine
-    killed_at = time.time() - t0
-
-    stats = job.join(600)
-    first_wall = time.time() - t0
-    assert stats["steps"] == STEPS and stats["workers"] == 2
-    steps = metric_steps(root)
+def test_killed_worker_resumes_from_the_last_checkpoint(killed_run):
+    run = killed_run
+    assert run.stats["steps"] == STEPS and run.stats["workers"] == 2
+    steps = metric_steps(run.root)
     # The final attempt records its own steps: they start right after a checkpoint, not at step 1.
     assert steps[-1] == STEPS and steps == list(range(steps[0], STEPS + 1)), steps
     resumed_from = steps[0] - 1
-    assert resumed_from >= ckpt_step >= EVERY and resumed_from % EVERY == 0, (steps, ckpt_step)
-    first = json.loads(root.read_text("train/round-0/metrics.jsonl").splitlines()[0])
+    assert resumed_from >= run.checkpoint_step >= EVERY, (steps, run.checkpoint_step)
+    assert resumed_from % EVERY == 0, steps
+    first = json.loads(run.root.read_text("train/round-0/metrics.jsonl").splitlines()[0])
     assert first["start_step"] == resumed_from
-    assert pids[-1] not in train_worker_pids()
+    assert run.killed_pid not in train_worker_pids()
+    print(f"\nTRAIN_RESULT stages_s={run.stages_s:.1f} checkpoint_seen_at_step={run.checkpoint_step} "
+          f"killed_at_s={run.killed_at_s:.1f} resumed_from={resumed_from} recorded_steps={steps} "
+          f"train_s={run.train_s:.1f}")
 
-    # Rerunning the finished round resumes from its step-6 checkpoint: no step is trained again.
-    t1 = time.time()
+
+@pytest.mark.timeout(900)
+def test_rerun_resumes_the_finished_round_and_model_loads(killed_run):
+    from u2seg.model import model_from_bytes
+    from u2seg.pipeline.train import run_train_round
+
+    cfg, root = killed_run.cfg, killed_run.root
+    before = metric_steps(root)
+    t0 = time.time()
     again = run_train_round(cfg, root, 0, "labels")
-    rerun_wall = time.time() - t1
     assert again["steps"] == STEPS
-    assert metric_steps(root) == steps, "the rerun trained again instead of resuming"
-
+    assert metric_steps(root) == before, "the rerun trained again instead of resuming"
     model, extra = model_from_bytes(root.read_bytes("train/round-0/model.pt"))
     assert extra["step"] == STEPS
     assert model.cfg.num_thing_classes == cfg.cluster.things_k
     assert model.cfg.num_stuff_classes == cfg.cluster.stuff_k
+    print(f"\nTRAIN_RERUN_RESULT rerun_s={time.time() - t0:.1f} steps={again['steps']}")
 
+
+@pytest.mark.timeout(900)
+def test_predict_writes_valid_coco_and_panoptic(killed_run, tmp_path):
+    from pycocotools.coco import COCO
+
+    from u2seg.labels import decode_panoptic_png, validate_panoptic
+    from u2seg.pipeline.predict import run_predict
+
+    cfg, root = killed_run.cfg, killed_run.root
+    t0 = time.time()
     pred = run_predict(cfg, root, 0)
     n_images = len(root.read_parquet("manifest", columns=["image_id"]))
     assert pred["images"] == n_images
@@ -175,6 +209,5 @@ def test_killed_worker_resumes_from_checkpoint_then_rerun_and_predict(labelled_s
         assert ids.shape == (images[ann["image_id"]]["height"], images[ann["image_id"]]["width"])
         assert ids.dtype.kind in "iu" and np.all(ids >= 0)
         assert validate_panoptic(ids, ann["segments_info"], categories=pan["categories"]) == []
-    print(f"\nTRAIN_RESULT stages_s={prep_s:.1f} checkpoint_seen_at_step={ckpt_step} "
-          f"killed_at_s={killed_at:.1f} resumed_from={resumed_from} recorded_steps={steps} "
-          f"first_run_s={first_wall:.1f} rerun_s={rerun_wall:.1f} predict_instances={pred['instances']}")
+    print(f"\nTRAIN_PREDICT_RESULT predict_s={time.time() - t0:.1f} images={pred['images']} "
+          f"instances={pred['instances']}")

@@ -63,10 +63,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         cols = ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "pixel_accuracy", "ap_segm",
                 "ap_agnostic_segm")
         lines.append("")
-        lines.append(f"{'metrics':<16}" + "".join(f"{c:>12}" for c in cols))
+        lines.append(f"{'metrics':<16}" + "".join(f"{c:>17}" for c in cols))
         for name, st in metric_rows:
             target = "model" if name.endswith("model") else "pseudo-labels"
-            lines.append(f"{target:<16}" + "".join(f"{_fmt(st.get(c)):>12}" for c in cols))
+            lines.append(f"{target:<16}" + "".join(f"{_fmt(st.get(c)):>17}" for c in cols))
     lines.append(f"outputs: {summary['run_root']} (labels/, eval/report.html, train/)  total {summary.get('wall_s')}s")
     return "\n".join(lines)
 
