@@ -277,6 +277,8 @@ def _check_type(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Literal:
+        if isinstance(value, bool) and {"yes", "no"} <= set(args):  # YAML reads yes/no as booleans
+            value = "yes" if value else "no"
         if value not in args:
             raise ConfigError(key, value, "one of " + ", ".join(repr(a) for a in args))
         return value

@@ -65,6 +65,8 @@ def test_overrides_parse_yaml_values_and_coerce_ints_to_floats():
     assert cfg.extract.tau == 0.2 and cfg.cluster.things_k == 10
     assert isinstance(cfg.train.lr, float) and cfg.run.ray_address is None
     assert cfg.manifest.inputs == ["/data/x"]
+    assert load_config(None, ["train.use_gpu=no"]).train.use_gpu == "no"
+    assert load_config(None, ["train.use_gpu=yes"]).train.use_gpu == "yes"
 
 
 def test_builtin_configs_load_and_differ():

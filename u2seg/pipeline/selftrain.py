@@ -40,12 +40,13 @@ def merge_image(old_seg: np.ndarray, old_segs: list[dict], new_seg: np.ndarray, 
             masks.append(m)
             classes.append(s["category_id"] - 1)
             scores.append(2.0)  # previous pseudo-labels outrank predictions where they overlap
+    n_old_things = len(masks)
     added = 0
     for s in new_segs:
         if s["category_id"] > k_things or s.get("score", 0.0) < score_threshold:
             continue
         m = new_seg == s["id"]
-        inter = [np.logical_and(m, o).sum() / max(np.logical_or(m, o).sum(), 1) for o in masks[: len(old_segs)]]
+        inter = [np.logical_and(m, o).sum() / max(np.logical_or(m, o).sum(), 1) for o in masks[:n_old_things]]
         if inter and max(inter) > dedup_iou:
             continue
         masks.append(m)
