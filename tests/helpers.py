@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
+from typing import Any
 
 from u2seg.config import U2SegConfig, load_config
 
@@ -102,3 +105,34 @@ def check_extract_exactly_once(root) -> dict[str, int]:
     if not root.exists("extract/_SUCCESS"):
         raise AssertionError("extract/_SUCCESS is missing")
     return {"images": len(ids), "errors": len(errors), "masks": len(masks), "parts": len(parts["images"])}
+
+
+class Background:
+    """Run a call in a thread, keeping its result or exception for the test thread."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any):
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            self.result = fn(*args)
+        except BaseException as exc:  # handed to the test thread
+            self.error = exc
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the call to end (its error, if any, stays in ``self.error``)."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the background call did not finish within {timeout}s"
+
+    def value(self, timeout: float) -> Any:
+        """Wait for the call, re-raise its error, return its result."""
+        self.join(timeout)
+        if self.error is not None:
+            raise self.error
+        return self.result

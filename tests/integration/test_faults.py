@@ -21,13 +21,13 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psutil
 import pytest
+from helpers import Background  # tests/ is on sys.path (conftest)
 
 from u2seg.io import RunRoot
 from u2seg.pipeline.runner import run_stage
@@ -42,29 +42,6 @@ FAULT_KNOBS = ["extract.num_actors=2", "extract.batch_size=2", "extract.rows_per
 def report(test: str, **counts: Any) -> None:
     """One quotable line per test (the brief asks for stdout, so this is a print, not a log record)."""
     print(f"FAULT_RESULT {test} " + " ".join(f"{k}={v}" for k, v in counts.items()), flush=True)
-
-
-class Background:
-    """Run a call in a thread, keeping its result or exception for the test thread."""
-
-    def __init__(self, fn: Callable[..., Any], *args: Any):
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            self.result = fn(*args)
-        except BaseException as exc:  # handed to the test thread
-            self.error = exc
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"the stage did not finish within {timeout}s"
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:

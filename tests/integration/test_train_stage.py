@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import Background  # tests/ is on sys.path (conftest)
 
 from u2seg.io import RunRoot
 from u2seg.pipeline.runner import run_stage
@@ -33,32 +33,6 @@ TRAIN_KNOBS = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train
                "train.batch_size=1", "train.image_size=96", "train.rounds=0", "train.max_failures=3",
                "cluster.num_shards=1"]
 WORKER_CLASS = "RayTrainWorker"  # Ray Train V2's per-rank actor (ray/train/v2/.../worker_group/worker.py)
-
-
-class Background:
-    """Run a call in a thread, keeping its result or exception for the test thread."""
-
-    def __init__(self, fn: Any, *args: Any):
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Any, *args: Any) -> None:
-        try:
-            self.result = fn(*args)
-        except BaseException as exc:  # handed to the test thread
-            self.error = exc
-
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def join(self, timeout: float) -> Any:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), f"training did not finish within {timeout}s"
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def registered_checkpoint_step(fs, prefix: str) -> int | None:
@@ -137,7 +111,7 @@ def killed_run(ray_cluster, s3, synthetic_world) -> KilledRun:
     assert job.alive(), "training finished before a worker could be killed"
     os.kill(pids[-1], signal.SIGKILL)  # the workers of the local 2-node cluster run on this machine
     killed_at = time.time() - t1
-    stats = job.join(600)
+    stats = job.value(600)
     return KilledRun(cfg, root, stats, ckpt_step, pids[-1], killed_at, stages_s, time.time() - t1)
 
 
