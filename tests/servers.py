@@ -70,11 +70,15 @@ class S3Server:
                 self.proc.kill()
                 self.proc.wait(5)
 
+    def start(self) -> None:
+        """Start a stopped server again on the same ports and data."""
+        self.proc = _spawn(self.args, self.data_dir)
+        _wait_ready(self)
+
     def restart(self) -> None:
         """Stop and start again on the same ports and data (fault tests)."""
         self.stop()
-        self.proc = _spawn(self.args, self.data_dir)
-        _wait_ready(self)
+        self.start()
 
 
 def _spawn(args: list[str], data_dir: str) -> subprocess.Popen:

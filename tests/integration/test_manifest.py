@@ -67,6 +67,33 @@ def test_list_files_text_and_parquet(tmp_path):
     assert run_manifest(cfg, RunRoot(str(tmp_path / "run")))["images"] == 4
 
 
+def test_an_image_listed_twice_is_in_the_manifest_once(tmp_path):
+    """Within a list file, across list files, and a list file against a folder, in any spelling."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (folder / name).write_bytes(b"\xff\xd8")
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"{folder}/a.jpg\nfile://{folder}/a.jpg\n{folder}/sub/../c.jpg\ns3a://bkt/x.png\n"
+                   f"{folder}/c.jpg\n")
+    pq.write_table(pa.table({"uri": ["s3://bkt/x.png", "s3://bkt/y.png", f" {folder}/b.jpg "]}),
+                   tmp_path / "more.parquet")
+    run = tmp_path / "run"
+    cfg = _cfg(str(run), [str(lst), str(tmp_path / "more.parquet"), str(folder)], None,
+               "manifest.rows_per_part=2")
+    stats = run_manifest(cfg, RunRoot(str(run)))
+    table = RunRoot(str(run)).read_parquet("manifest")
+    uris = sorted(table.column("uri").to_pylist())
+    assert uris == sorted([f"{folder}/a.jpg", f"{folder}/b.jpg", f"{folder}/c.jpg", "s3://bkt/x.png",
+                           "s3://bkt/y.png"])
+    assert stats["images"] == 5 and stats["duplicates_dropped"] == 5
+    assert stats["parts"] == len(RunRoot(str(run)).list("manifest", ".parquet"))
+    assert table.column("image_id").to_pylist() == [image_id_for(u) for u in table.column("uri").to_pylist()]
+
+
 def test_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(ConfigError, match=r"manifest.inputs"):
         run_manifest(_cfg(str(tmp_path / "r"), []), RunRoot(str(tmp_path / "r")))

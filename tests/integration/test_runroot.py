@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -85,3 +87,64 @@ def test_unwritable_roots_fail_early_and_clearly(s3, tmp_path):
     if os.geteuid() != 0:  # root ignores permissions
         with pytest.raises(RunRootError):
             RunRoot(str(ro / "run")).ensure_writable()
+
+
+def test_a_write_waits_out_a_storage_outage_and_a_permanent_error_does_not_wait(s3):
+    """The S3 endpoint is down for ~5 s: a write with a retry budget lands once it is back; an invalid
+    bucket (a permanent error) fails at once despite the budget; with no budget the outage fails the write."""
+    from helpers import Background
+
+    uri = s3.uri(f"t-{uuid.uuid4().hex[:10]}")
+    patient = RunRoot(uri, s3.storage_options(), write_retry_s=120)
+    impatient = RunRoot(uri, s3.storage_options(), write_retry_s=0)
+    patient.write_bytes("warm.bin", b"0")   # connections and caches exist before the outage
+    s3.stop()
+    try:
+        write = Background(patient.write_bytes, "a/part.bin", b"x" * 100_000)
+        t0 = time.time()
+        with pytest.raises(Exception) as info:
+            impatient.write_bytes("a/other.bin", b"y")
+        failed_after = time.time() - t0
+        time.sleep(max(0.0, 5 - failed_after))
+        assert write.alive(), f"the patient write ended during the outage: {write.error!r}"
+    finally:
+        s3.start()
+    write.join(150)
+    assert write.error is None, repr(write.error)
+    assert patient.read_bytes("a/part.bin") == b"x" * 100_000
+    assert not patient.exists("a/other.bin") and info.value is not None
+    bad = RunRoot("s3://x_/run", s3.storage_options(), write_retry_s=120)
+    t0 = time.time()
+    with pytest.raises(Exception):  # noqa: B017 - the backend's own error type for a bad bucket
+        bad.write_bytes("f.bin", b"z")
+    assert time.time() - t0 < 60, "a permanent error was retried"
+
+
+def test_unfinished_writes_of_a_killed_writer_are_removed(s3, tmp_path):
+    """A local temp file and an S3 multipart upload that never completed: invisible, then removed."""
+    local = RunRoot(str(tmp_path / "run"))
+    local.write_bytes("extract/masks/part-a.parquet", b"done")
+    os.makedirs(local.path("extract/images"), exist_ok=True)
+    with open(local.path("extract/images/.tmp-0123-part-b.parquet"), "wb") as fh:
+        fh.write(b"half")
+    assert local.list("extract/images") == []
+    assert local.remove_unfinished_writes("extract") == 1
+    assert sorted(os.listdir(local.path("extract/images"))) == []
+    assert local.list("extract/masks") == ["part-a.parquet"]
+
+    remote = RunRoot(s3.uri(f"t-{uuid.uuid4().hex[:10]}"), s3.storage_options())
+    bucket, _, key = remote.path("extract/masks/part-c.parquet").partition("/")
+    up = remote.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    remote.fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=up["UploadId"], PartNumber=1,
+                      Body=b"x" * 1024)
+    other = remote.path("label/x.json").partition("/")[2]
+    other_up = remote.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=other)
+
+    def pending(prefix: str) -> list[str]:
+        page = remote.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=remote.path(prefix).partition("/")[2])
+        return [u["Key"] for u in page.get("Uploads", [])]
+
+    assert pending("extract") == [key] and remote.list("extract/masks") == []
+    assert remote.remove_unfinished_writes("extract") == 1
+    assert pending("extract") == [] and pending("label") == [other]   # other stages' uploads untouched
+    remote.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=other, UploadId=other_up["UploadId"])

@@ -16,8 +16,10 @@ def test_claim_keeps_partial_outputs_of_the_same_config_and_drops_others(tmp_pat
     root = RunRoot(str(tmp_path))
     _claim_outputs(root, "extract", "h1")
     root.write_text("extract/masks/part-a.parquet", "partial")
-    _claim_outputs(root, "extract", "h1")            # a resumed run: keep what is there
+    root.write_text("extract/images/.tmp-dead-part-b.parquet", "a killed writer's temp file")
+    _claim_outputs(root, "extract", "h1")            # a resumed run: keep what is there, drop temp files
     assert root.exists("extract/masks/part-a.parquet")
+    assert not root.exists("extract/images/.tmp-dead-part-b.parquet")
     mark_done(root, "extract", "h1", {"n": 1})
     assert is_done(root, "extract", "h1") and not is_done(root, "extract", "h2")
     _claim_outputs(root, "extract", "h2")            # another config: start clean
@@ -39,3 +41,41 @@ def test_run_stage_skips_when_done_and_writes_resolved_config(tmp_path):
     assert cfg.hash() in text and "hunter2" not in text
     forced = run_stage("manifest", cfg, force=True)
     assert "skipped" not in forced
+
+
+class FlakyRayInit:
+    """Stands in for ``ray.init``/``ray.shutdown``: fails the first ``failures`` starts with ``error``."""
+
+    def __init__(self, failures: int, error: str) -> None:
+        self.failures, self.error, self.calls, self.shutdowns = failures, error, [], 0
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+        if len(self.calls) <= self.failures:
+            raise Exception(self.error)
+
+    def shutdown(self):
+        self.shutdowns += 1
+
+
+@pytest.mark.parametrize(("failures", "error", "expect_calls", "raises"), [
+    (2, "The current node timed out during startup. ...", 3, False),   # slow machine: third try starts
+    (3, "The current node timed out during startup. ...", 3, True),    # gives up after the attempts
+    (1, "permission denied: /tmp/ray", 1, True),                       # other errors are not retried
+])
+def test_local_ray_start_retries_only_a_start_up_timeout(monkeypatch, failures, error, expect_calls, raises):
+    import ray
+
+    from u2seg.pipeline import runner
+
+    fake = FlakyRayInit(failures, error)
+    monkeypatch.setattr(ray, "init", fake.init)
+    monkeypatch.setattr(ray, "shutdown", fake.shutdown)
+    monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    if raises:
+        with pytest.raises(Exception, match=error.split(":")[0][:20]):
+            runner.start_local_ray(num_cpus=2)
+    else:
+        runner.start_local_ray(num_cpus=2)
+    assert len(fake.calls) == expect_calls and fake.shutdowns == min(failures, expect_calls)
+    assert all(c == {"address": "local", "num_cpus": 2} for c in fake.calls)

@@ -66,9 +66,17 @@ def iter_s3(fs: Any, bucket_prefix: str, recursive: bool = True) -> Iterator[tup
         kwargs["ContinuationToken"] = token
 
 
+def canonical_uri(uri: str) -> str:
+    """One spelling per image, so one image written two ways in list files gets one image_id:
+    local paths (plain, ``file://``, ``local://``) become absolute paths, ``s3a://`` becomes ``s3://``."""
+    proto, path = split_protocol(uri)
+    return path if proto == "file" else f"{proto}://{path}"
+
+
 def iter_list_file(uri: str, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, int]]:
     """A text file of one URI per line (``#`` comments), or a Parquet file with a ``uri`` column.
 
+    Entries are canonicalised (:func:`canonical_uri`); duplicates are removed by the manifest stage.
     Sizes are unknown (-1) for list files; extract records the real size when it reads the image.
     """
     if uri.lower().endswith(".parquet"):
@@ -78,14 +86,14 @@ def iter_list_file(uri: str, storage_options: dict[str, Any] | None = None) -> I
                 raise ValueError(f"list file {uri} has no 'uri' column (columns: {pf.schema_arrow.names})")
             for batch in pf.iter_batches(columns=["uri"], batch_size=4096):
                 for u in batch.column(0).to_pylist():
-                    if u:
-                        yield u, -1
+                    if u and u.strip():
+                        yield canonical_uri(u.strip()), -1
         return
     with fsspec.open(uri, "rt", **_opts(uri, storage_options)) as fh:
         for line in fh:
             line = line.strip()
             if line and not line.startswith("#"):
-                yield line, -1
+                yield canonical_uri(line), -1
 
 
 def _opts(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:

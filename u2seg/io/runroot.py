@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from u2seg.io.retry import retry_transient
+
 log = logging.getLogger(__name__)
 
 
@@ -76,17 +78,19 @@ def pyarrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) 
 class RunRoot:
     """A run's root folder/prefix. Picklable: workers rebuild the filesystem from URI + options."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None):
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, write_retry_s: float = 0.0):
         self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(os.path.expanduser(uri))
         self.storage_options = dict(storage_options or {})
+        self.write_retry_s = float(write_retry_s)  # how long a write keeps retrying transient errors
         self.protocol, self.root = split_protocol(self.uri)
         self._fs: fsspec.AbstractFileSystem | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "storage_options": self.storage_options}
+        return {"uri": self.uri, "storage_options": self.storage_options, "write_retry_s": self.write_retry_s}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["uri"], state["storage_options"])  # type: ignore[misc]
+        self.__init__(state["uri"], state["storage_options"],  # type: ignore[misc]
+                      write_retry_s=state.get("write_retry_s", 0.0))
 
     def __repr__(self) -> str:  # never show credentials
         return f"RunRoot({self.uri!r})"
@@ -123,7 +127,13 @@ class RunRoot:
         return json.loads(self.read_bytes(*parts))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Atomically publish ``data`` at ``rel``."""
+        """Atomically publish ``data`` at ``rel``; transient storage errors are retried for write_retry_s."""
+        if self.write_retry_s <= 0:
+            self._write_once(rel, data)
+            return
+        retry_transient(lambda: self._write_once(rel, data), self.write_retry_s, f"write {self.join(rel)}")
+
+    def _write_once(self, rel: str, data: bytes) -> None:
         target = self.path(rel)
         if self.is_local:
             folder = posixpath.dirname(target)
@@ -212,6 +222,11 @@ class RunRoot:
         """Filesystem paths (for :meth:`pyarrow_fs`, e.g. Ray Data readers) of the Parquet parts, sorted."""
         return [self.path(rel_dir, n) for n in self.list(rel_dir, ".parquet")]
 
+    def read_part(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        """One Parquet file of the run root."""
+        with self.fs.open(self.path(rel), "rb") as fh:
+            return pq.read_table(fh, columns=columns)
+
     def read_parquet(self, rel_dir: str, columns: list[str] | None = None,
                      schema: pa.Schema | None = None) -> pa.Table:
         """Concatenate the Parquet parts of ``rel_dir``: for small tables only (stats, tests)."""
@@ -230,6 +245,35 @@ class RunRoot:
         if self.fs.exists(p):
             self.fs.rm(p, recursive=recursive)
 
+    def remove_unfinished_writes(self, rel_dir: str) -> int:
+        """Remove what killed writers left under ``rel_dir``: temporary files locally, incomplete multipart
+        uploads on S3 (invisible to readers, but stored and billed). Call only while nothing writes there."""
+        n = 0
+        if self.is_local:
+            for folder, _, files in os.walk(self.path(rel_dir)):
+                for name in files:
+                    if name.startswith(".tmp-"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.remove(os.path.join(folder, name))
+                            n += 1
+            return n
+        if self.protocol != "s3":
+            return 0
+        bucket, _, prefix = self.path(rel_dir).partition("/")
+        try:
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix.rstrip("/") + "/"}
+            while True:
+                page = self.fs.call_s3("list_multipart_uploads", **kwargs)
+                for up in page.get("Uploads", []):
+                    self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"], UploadId=up["UploadId"])
+                    n += 1
+                if not page.get("IsTruncated"):
+                    break
+                kwargs.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
+        except Exception as exc:  # a store without the multipart listing API: nothing we can clean
+            log.debug("could not list multipart uploads under %s: %s", self.join(rel_dir), exc)
+        return n
+
     def pyarrow_fs(self) -> pafs.FileSystem:
         return pyarrow_filesystem(self.uri, self.storage_options)
 
@@ -237,7 +281,7 @@ class RunRoot:
         """Fail early with a clear message when the root cannot be written (bad bucket, no credentials)."""
         probe = f"_probe/{uuid.uuid4().hex}"
         try:
-            self.write_bytes(probe, b"ok")
+            self._write_once(probe, b"ok")  # no retry: an unreachable root should fail now, not in minutes
             self.remove("_probe", recursive=True)
         except Exception as exc:  # any backend error means the same thing to the user
             raise RunRootError(f"run root {self.uri} is not writable: {type(exc).__name__}: {exc}") from exc

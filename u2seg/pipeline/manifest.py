@@ -12,12 +12,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from u2seg.config import ConfigError, U2SegConfig
 from u2seg.io import RunRoot
 from u2seg.io.images import image_id_for
-from u2seg.io.listing import iter_source, split_protocol, split_source
+from u2seg.io.listing import is_list_file, iter_source, split_protocol, split_source
 from u2seg.io.schemas import MANIFEST_SCHEMA
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,48 @@ def _check_inputs(inputs: list[str]) -> None:
                                   "nested sources would list images twice)")
 
 
+def first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Boolean mask over ``ids`` (16-character image ids): True where an id appears for the first time.
+
+    Ids are compared as 16-byte fixed-width values in one numpy array (16 bytes per image, no Python
+    objects), so ten million rows cost ~160 MB on the driver.
+    """
+    if len(ids) == 0:
+        return np.zeros(0, dtype=bool)
+    fixed = ids.cast(pa.binary(16))
+    fixed = fixed.combine_chunks() if isinstance(fixed, pa.ChunkedArray) else fixed
+    values = np.frombuffer(fixed.buffers()[1], dtype="S16")[fixed.offset: fixed.offset + len(fixed)]
+    _, first = np.unique(values, return_index=True)
+    keep = np.zeros(len(values), dtype=bool)
+    keep[first] = True
+    return keep
+
+
+def drop_duplicate_images(root: RunRoot, parts: list[str]) -> int:
+    """Keep the first row of every image_id (parts in name order, rows in order); rewrite parts that held
+    later copies. Only list files can repeat an image (folders and prefixes cannot nest), so this pass runs
+    only when a list file is among the inputs. Returns how many rows were dropped."""
+    parts = sorted(parts)
+    columns = [root.read_part(f"manifest/{name}", ["image_id"]).column("image_id") for name in parts]
+    keep = first_occurrences(pa.chunked_array([c for col in columns for c in col.chunks], pa.string()))
+    dropped, start = 0, 0
+    for name, col in zip(parts, columns, strict=True):
+        mask = keep[start: start + len(col)]
+        start += len(col)
+        if mask.all():
+            continue
+        table = root.read_part(f"manifest/{name}")
+        dupes = table.filter(pa.array(~mask)).column("uri").to_pylist()
+        dropped += len(dupes)
+        log.warning("manifest: %s lists %d image(s) already listed before, dropped (e.g. %s)",
+                    name, len(dupes), dupes[:3])
+        if mask.any():
+            root.write_parquet(f"manifest/{name}", table.filter(pa.array(mask)))
+        else:
+            root.remove(f"manifest/{name}")
+    return dropped
+
+
 def run_manifest(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     """List every source into ``manifest/*.parquet``; stale parts of an earlier run are removed."""
     _check_inputs(cfg.manifest.inputs)
@@ -99,10 +142,15 @@ def run_manifest(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         results = list(pool.map(lambda s: _list_one(s, cfg, root, written), specs))
     for stale in set(root.list("manifest", ".parquet")) - set(written):
         root.remove(f"manifest/{stale}")
-    n = sum(r["rows"] for r in results)
+    dropped = 0
+    if any(is_list_file(u) for u in cfg.manifest.inputs):
+        dropped = drop_duplicate_images(root, written)
+        written = root.list("manifest", ".parquet")
+    n = sum(r["rows"] for r in results) - dropped
     if n == 0:
         raise ValueError(f"manifest: no images found under {cfg.manifest.inputs} "
                          f"(accepted suffixes: .jpg .jpeg .png .bmp .tif .tiff .webp)")
-    stats = {"images": n, "parts": len(written), "streams": len(specs), "seconds": round(time.time() - t0, 3)}
+    stats = {"images": n, "parts": len(written), "streams": len(specs), "duplicates_dropped": dropped,
+             "seconds": round(time.time() - t0, 3)}
     log.info("manifest: %d images in %d parts (%.1fs)", n, len(written), stats["seconds"])
     return stats

@@ -25,6 +25,8 @@ STAGE_FUNCTIONS: dict[str, tuple[str, str]] = {
     "evaluate": ("u2seg.pipeline.evaluate", "run_evaluate"),
 }
 NEEDS_RAY = {"extract", "cluster", "label", "train"}
+# Starting a local Ray on a busy machine can miss Ray's fixed 30 s raylet start-up wait; try this often.
+LOCAL_RAY_START_ATTEMPTS = 3
 # What each stage writes besides its `<stage>/` marker folder: wiped when the stage's config changes.
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "manifest": ("manifest",), "extract": ("extract",), "cluster": ("cluster",), "label": ("labels",),
@@ -33,7 +35,8 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 
 
 def open_root(cfg: U2SegConfig) -> RunRoot:
-    return RunRoot(cfg.run.run_root, cfg.run.storage.storage_options())
+    return RunRoot(cfg.run.run_root, cfg.run.storage.storage_options(),
+                   write_retry_s=cfg.run.storage.write_retry_s)
 
 
 def ensure_ray(cfg: U2SegConfig) -> None:
@@ -48,9 +51,25 @@ def ensure_ray(cfg: U2SegConfig) -> None:
     elif os.environ.get("RAY_ADDRESS"):  # set by `ray job submit` for its entrypoint
         ray.init(**kwargs)
     else:  # never join some other cluster that happens to run on this machine
-        ray.init(address="local", num_cpus=cfg.run.ray_num_cpus, **kwargs)
+        start_local_ray(num_cpus=cfg.run.ray_num_cpus, **kwargs)
     quiet_ray_data()
     log.info("ray: %s", ray.cluster_resources())
+
+
+def start_local_ray(attempts: int = LOCAL_RAY_START_ATTEMPTS, **kwargs: Any) -> None:
+    """Start a private local Ray, retrying a start-up that timed out (an overloaded laptop or CI box)."""
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as exc:  # Ray raises a bare Exception when its raylet does not come up in time
+            ray.shutdown()
+            if attempt == attempts or "timed out during startup" not in str(exc):
+                raise
+            log.warning("ray: local start-up attempt %d/%d timed out (%s); retrying", attempt, attempts, exc)
+            time.sleep(2.0 * attempt)
 
 
 def quiet_ray_data() -> None:
@@ -76,6 +95,9 @@ def _claim_outputs(root: RunRoot, stage: str, config_hash: str) -> None:
         log.info("%s: config changed since the last run: removing its outputs %s", stage, STAGE_OUTPUTS[stage])
         for rel in (*STAGE_OUTPUTS[stage], f"{stage}/_SUCCESS"):
             root.remove(rel, recursive=True)
+    unfinished = sum(root.remove_unfinished_writes(rel) for rel in {stage, *STAGE_OUTPUTS[stage]})
+    if unfinished:
+        log.info("%s: removed %d unfinished write(s) of an interrupted run", stage, unfinished)
     root.write_json(started, {"config_hash": config_hash, "started_at": time.time()})
 
 
