@@ -386,13 +386,13 @@ def test_sigkilled_driver_resumes_to_the_same_result(ray_cluster, synthetic_worl
 
     n = 12
     images = subset(str(synthetic_world / "images"), n, str(tmp_path / "images"))
-    # one image per part: the part layout (hence k-means' input order) does not depend on where the kill
-    # fell, so the resumed and the uninterrupted run can be compared down to the labels; 160 px makes the
-    # model slow enough that the first commit comes while most images are still in the actor
-    knobs = ["extract.num_actors=1", "extract.batch_size=2", "extract.rows_per_part=1",
+    # three images per part: the resumed run groups the images it still has into other parts than the
+    # uninterrupted run does, and the outputs must not depend on that (k-means picks its sample by content);
+    # 160 px makes the model slow enough that the first commit comes while most images are still in the actor
+    knobs = ["extract.num_actors=1", "extract.batch_size=2", "extract.rows_per_part=3",
              "extract.image_size=160", "run.ray_num_cpus=4"]
     killed_cfg = tiny_config(str(tmp_path / "killed"), [images], None, *knobs)
-    clean_cfg = tiny_config(str(tmp_path / "clean"), [images], None, *knobs)
+    clean_cfg = tiny_config(str(tmp_path / "clean"), [images], None, *knobs, "extract.rows_per_part=4")
     yaml_path = tmp_path / "killed.yaml"
     yaml_path.write_text(killed_cfg.to_yaml(redact=False))
     for cfg in (killed_cfg, clean_cfg):
@@ -434,7 +434,7 @@ def test_sigkilled_driver_resumes_to_the_same_result(ray_cluster, synthetic_worl
     reference.join(300)
     assert reference.error is None, repr(reference.error)
     check_extract_exactly_once(clean)
-    assert killed.list("extract/images", ".parquet") == clean.list("extract/images", ".parquet")
+    same_layout = killed.list("extract/images", ".parquet") == clean.list("extract/images", ".parquet")
     a, b = _rles(killed), _rles(clean)
     assert a.keys() == b.keys() and a == b, f"{sum(a.get(k) != v for k, v in b.items())} masks differ"
     for cfg in (killed_cfg, clean_cfg):
@@ -446,5 +446,5 @@ def test_sigkilled_driver_resumes_to_the_same_result(ray_cluster, synthetic_worl
            parts_at_kill=parts_at_kill, done_before_rerun=done_before_rerun,
            processed_on_rerun=stats["processed_now"], orphans_removed=stats["orphans_removed"],
            ray_procs_alive_after_killpg=alive_after_killpg, ray_procs_killed_by_test=outlived,
-           killed_after_s=killed_after_s, test_s=round(time.time() - t0), reruns=1,
+           killed_after_s=killed_after_s, test_s=round(time.time() - t0), reruns=1, same_part_layout=same_layout,
            segments=sum(len(s) for s in seg_a.values()))

@@ -38,6 +38,8 @@ from u2seg.cluster.arrow import iter_list_column
 from u2seg.cluster.kmeans import (
     KMeansResult,
     as_matrix,
+    content_keys,
+    key_threshold,
     normalize_rows,
     partial_stats,
     update_centroids,
@@ -46,7 +48,9 @@ from u2seg.cluster.kmeans import init_centroids as sample_init_centroids
 
 log = logging.getLogger(__name__)
 
-_CKPT_VERSION = 1
+_CKPT_VERSION = 2
+_SUBSAMPLE_SALT = 0xD1
+_INIT_SALT = 0x1417
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -98,18 +102,6 @@ def resolve_parquet_files(
     return fs, files
 
 
-def allocate(total: int, weights: Sequence[int]) -> list[int]:
-    """Split `total` into integers proportional to `weights` (largest remainder; capped by each weight)."""
-    w = np.asarray(weights, dtype=np.float64)
-    if total >= w.sum():
-        return [int(v) for v in w]
-    exact = total * w / w.sum()
-    out = np.floor(exact).astype(np.int64)
-    for i in np.argsort(-(exact - out), kind="stable")[: total - int(out.sum())]:
-        out[i] += 1
-    return [int(v) for v in np.minimum(out, w.astype(np.int64))]
-
-
 # ----------------------------------------------------------------------------------------------- shards
 
 
@@ -146,50 +138,66 @@ class _KMeansShard:
                     yield pf.read_row_group(rg, columns=[self.column])
 
     def load(
-        self, fs, files: list[str] | None, dataset: Any, n_rows: int, keep: int, seed: int
+        self, fs, files: list[str] | None, dataset: Any, n_rows: int, fraction: float, seed: int
     ) -> tuple[int, int]:
-        """Read this shard into one float32 array, keeping `keep` of its `n_rows` rows (uniform, seeded).
+        """Read this shard into one float32 array, keeping about `fraction` of its `n_rows` rows.
 
-        The array is preallocated once and filled block by block, so the peak is the shard plus one row
-        group — never a second full copy.
+        The rows kept are those whose content key (:func:`content_keys`) falls below a threshold: the
+        same rows whatever the part layout or shard count. Without subsampling the array is preallocated
+        once and filled block by block, so the peak is the shard plus one row group; with subsampling the
+        kept blocks (bounded by k * max_points_per_centroid overall) are concatenated at the end.
         """
-        sel = None
-        if keep < n_rows:
-            rng = np.random.default_rng([seed, 0xD1, self.shard_index])
-            sel = np.sort(rng.choice(n_rows, size=keep, replace=False))
+        keep_all = fraction >= 1.0
+        threshold = key_threshold(fraction)
         x: np.ndarray | None = None
+        kept: list[np.ndarray] = []
         offset = 0  # rows of the shard seen so far
-        filled = 0  # rows written to x
+        d: int | None = None
         for table in self._tables(fs, files, dataset):
             col = table.column(self.column)
             for mat in iter_list_column(col):
                 m = len(mat)
-                if x is None:
-                    x = np.empty((keep, mat.shape[1]), dtype=np.float32)
-                elif mat.shape[1] != x.shape[1]:
-                    raise ValueError(f"shard {self.shard_index}: dimension {mat.shape[1]} != {x.shape[1]}")
-                if sel is None:
-                    rows = mat
+                if d is None:
+                    d = mat.shape[1]
+                    if keep_all:
+                        x = np.empty((n_rows, d), dtype=np.float32)
+                elif mat.shape[1] != d:
+                    raise ValueError(f"shard {self.shard_index}: dimension {mat.shape[1]} != {d}")
+                if keep_all:
+                    x[offset : offset + m] = mat  # type: ignore[index]
                 else:
-                    lo, hi = np.searchsorted(sel, [offset, offset + m])
-                    rows = mat[sel[lo:hi] - offset]
-                x[filled : filled + len(rows)] = rows
-                filled += len(rows)
+                    kept.append(mat[content_keys(mat, seed, _SUBSAMPLE_SALT) < threshold].copy())
                 offset += m
-        if offset != n_rows or filled != keep:
-            raise RuntimeError(f"shard {self.shard_index}: read {offset}/{n_rows} rows, kept {filled}/{keep}")
+        if offset != n_rows:
+            raise RuntimeError(f"shard {self.shard_index}: read {offset}/{n_rows} rows")
+        if not keep_all:
+            x = np.concatenate(kept, axis=0) if kept else None
         self.x = x if x is not None else np.zeros((0, 0), dtype=np.float32)
         if self.spherical and len(self.x):
             normalize_rows(self.x, inplace=True)
         if len(self.x) and not np.isfinite(self.x).all():
             raise ValueError(f"shard {self.shard_index}: descriptors contain NaN or Inf")
+        self._init_keys: np.ndarray | None = None
         return self.x.shape
 
     # -- Lloyd
-    def sample(self, m: int, seed: int) -> np.ndarray:
-        """m distinct rows of this shard, uniformly (for initialisation on the driver)."""
-        rng = np.random.default_rng([seed, 0x1417, self.shard_index])
-        return self.x[np.sort(rng.choice(len(self.x), size=m, replace=False))].copy()
+    def _keys(self, seed: int) -> np.ndarray:
+        if getattr(self, "_init_keys", None) is None:
+            self._init_keys = content_keys(self.x, seed, _INIT_SALT) if len(self.x) else np.zeros(0, np.uint64)
+        return self._init_keys
+
+    def smallest_keys(self, m: int, seed: int) -> np.ndarray:
+        """The m smallest init keys of this shard, sorted (round 1 of picking the init sample)."""
+        keys = self._keys(seed)
+        if m < len(keys):
+            keys = keys[np.argpartition(keys, m - 1)[:m]]
+        return np.sort(keys)
+
+    def rows_up_to(self, threshold: np.uint64, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, rows) of this shard whose init key is <= threshold (round 2)."""
+        keys = self._keys(seed)
+        sel = np.flatnonzero(keys <= threshold)
+        return keys[sel], self.x[sel].copy()
 
     def stats(self, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         k, d = centroids.shape
@@ -216,6 +224,20 @@ class _KMeansShard:
 
 
 KMeansShard = ray.remote(_KMeansShard)
+
+
+def init_sample(actors: Sequence[Any], m: int, seed: int) -> np.ndarray:
+    """The m rows with the smallest content keys over all shards, in key order: the same sample (and so
+    the same initial centroids) whatever the part layout. Two rounds: the m-th smallest key overall,
+    then the rows up to it; only m keys per shard and about m rows in total cross the network."""
+    keys = np.sort(np.concatenate(ray.get([a.smallest_keys.remote(m, seed) for a in actors])))
+    if len(keys) < m:
+        raise ValueError(f"cannot draw an init sample of {m} from {len(keys)} points")
+    parts = ray.get([a.rows_up_to.remote(keys[m - 1], seed) for a in actors])
+    all_keys = np.concatenate([p[0] for p in parts])
+    rows = np.concatenate([p[1] for p in parts if len(p[1])], axis=0)
+    order = np.argsort(all_keys, kind="stable")[:m]
+    return rows[order]
 
 
 # ----------------------------------------------------------------------------------------------- checkpoint
@@ -331,10 +353,16 @@ def distributed_kmeans(
         n_train = n
         if max_points_per_centroid and n > k * max_points_per_centroid:
             n_train = k * max_points_per_centroid
-            log.info("clustering a uniform subsample of %d / %d points (max_points_per_centroid)", n_train, n)
-        keep = allocate(n_train, rows)
-        loads = zip(actors, shard_inputs, rows, keep, strict=True)
-        shapes = ray.get([a.load.remote(*inp, r, kp, seed) for a, inp, r, kp in loads])
+            log.info("clustering a subsample of about %d / %d points (max_points_per_centroid)", n_train, n)
+        fraction = n_train / n
+        loads = zip(actors, shard_inputs, rows, strict=True)
+        shapes = ray.get([a.load.remote(*inp, r, fraction, seed) for a, inp, r in loads])
+        keep = [int(s[0]) for s in shapes]
+        if fraction < 1.0:
+            log.info("content-keyed subsample kept %d points (expected %d)", sum(keep), n_train)
+            if sum(keep) < k:
+                raise ValueError(f"the subsample kept {sum(keep)} points, fewer than k={k}: raise "
+                                 "max_points_per_centroid")
         dims = {int(s[1]) for s in shapes if s[0] > 0}
         if len(dims) != 1:
             raise ValueError(f"shards disagree on the descriptor dimension: {sorted(dims)}")
@@ -373,10 +401,8 @@ def distributed_kmeans(
             if init_centroids is not None:
                 centroids = init_given.copy()
             else:
-                m = max(k, min(n_train, init_sample_size or 10 * k))
-                per = allocate(m, keep)
-                refs = [a.sample.remote(p, seed) for a, p in zip(actors, per, strict=True) if p > 0]
-                sample = np.concatenate(ray.get(refs), axis=0)
+                m = max(k, min(sum(keep), init_sample_size or 10 * k))
+                sample = init_sample(actors, m, seed)
                 centroids = sample_init_centroids(sample, k, seed, init_method)
                 del sample
             if spherical:
@@ -427,7 +453,7 @@ def distributed_kmeans(
         sizes=sizes,
         n_splits=n_splits,
         final_inertia=final,
-        n_points=n_train,
+        n_points=int(sum(keep)),
         timings={
             "load": t_load - t0,
             "init": t_init - t_load,

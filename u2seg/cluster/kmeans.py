@@ -213,6 +213,40 @@ def update_centroids(
     return out, n_splits
 
 
+_FMIX = (np.uint64(33), np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
+
+
+def content_keys(x: np.ndarray, seed: int, salt: int = 0, chunk: int = 65536) -> np.ndarray:
+    """A pseudo-random uint64 per row that depends only on the row's values (and seed, salt).
+
+    Why: choosing "the rows with the smallest keys" picks the same rows however the data is split into
+    Parquet parts and shards, so a run resumed after a crash (whose parts group images differently)
+    initialises k-means exactly like an uninterrupted one. Hash: a seeded linear combination of the
+    float32 bit patterns mod 2^64, then murmur3's 64-bit finaliser.
+    """
+    bits = np.ascontiguousarray(as_matrix(x)).view(np.uint32)
+    rng = np.random.default_rng([seed, salt, 0x5EED])
+    mult = rng.integers(1, 2**63, size=bits.shape[1], dtype=np.uint64) | np.uint64(1)
+    out = np.empty(len(bits), dtype=np.uint64)
+    shift, m1, m2 = _FMIX
+    for lo in range(0, len(bits), chunk):
+        h = (bits[lo: lo + chunk].astype(np.uint64) * mult).sum(axis=1, dtype=np.uint64)
+        h ^= h >> shift
+        h *= m1
+        h ^= h >> shift
+        h *= m2
+        h ^= h >> shift
+        out[lo: lo + chunk] = h
+    return out
+
+
+def key_threshold(fraction: float) -> np.uint64:
+    """Keys below this are a ``fraction`` of all uint64 keys (a Bernoulli sample by content)."""
+    if fraction >= 1.0:
+        return np.uint64(2**64 - 1)
+    return np.uint64(int(fraction * 2.0**64))
+
+
 def init_centroids(sample: np.ndarray, k: int, seed: int, method: str = "random") -> np.ndarray:
     """Initial centroids drawn from `sample` (float32 [k, d], rows not renormalised).
 
