@@ -104,21 +104,43 @@ class MaskCutActor:
         return run_model_batch(self.model, batch, self.cfg, self.device)
 
 
+class StaleWriterError(RuntimeError):
+    """A worker of an older run of the stage tried to commit after a newer run had started."""
+
+
+def run_token(root: RunRoot) -> str | None:
+    """The token of the run that owns ``extract/`` now (written by the runner when the stage starts)."""
+    return root.read_json("extract/_STARTED").get("run_token") if root.exists("extract/_STARTED") else None
+
+
+def _check_owner(root: RunRoot, token: str | None) -> None:
+    if token is not None and (current := run_token(root)) != token:
+        raise StaleWriterError(f"extract: a newer run ({current}) owns {root.uri}; this writer of run {token} "
+                               "commits nothing")
+
+
 def _group_name(image_ids: list[str]) -> str:
     return "part-" + hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:20] + ".parquet"
 
 
-def _write_group(batch: dict[str, np.ndarray], root: RunRoot) -> dict[str, np.ndarray]:
-    """Commit one group: masks, patches, errors, then the ledger part (same name) last."""
+def _write_group(batch: dict[str, np.ndarray], root: RunRoot, token: str | None = None) -> dict[str, np.ndarray]:
+    """Commit one group: masks, patches, errors, then the ledger part (same name) last.
+
+    ``token`` fences a killed driver's late workers: the owner is checked before the first write and
+    again before the ledger write, so a stale worker commits nothing (its other parts are orphans,
+    removed when the stage next starts).
+    """
     from u2seg.pipeline.extract_batch import rows_for_tables
 
     ids = [str(x) for x in batch["image_id"]]
     name = _group_name(ids)
     t0 = time.perf_counter()
     rows = rows_for_tables(batch)
+    _check_owner(root, token)
     root.write_parquet(f"extract/masks/{name}", pa.Table.from_pylist(rows["masks"], schema=MASKS_SCHEMA))
     root.write_parquet(f"extract/patches/{name}", pa.Table.from_pylist(rows["patches"], schema=PATCHES_SCHEMA))
     root.write_parquet(f"extract/errors/{name}", pa.Table.from_pylist(rows["errors"], schema=ERRORS_SCHEMA))
+    _check_owner(root, token)
     root.write_parquet(f"extract/{LEDGER}/{name}", pa.Table.from_pylist(rows["images"], schema=IMAGES_SCHEMA))
     write_s = time.perf_counter() - t0
     return {
@@ -163,7 +185,8 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         ds = ds.map_batches(MaskCutActor, batch_size=ex.batch_size, compute=ray.data.ActorPoolStrategy(
             size=ex.num_actors), num_gpus=gpus, num_cpus=ex.cpus_per_actor,
             fn_constructor_kwargs={"cfg_dict": cfg.to_dict()})
-        ds = ds.map_batches(_write_group, batch_size=ex.rows_per_part, num_cpus=0.5, fn_kwargs={"root": root})
+        ds = ds.map_batches(_write_group, batch_size=ex.rows_per_part, num_cpus=0.5,
+                            fn_kwargs={"root": root, "token": run_token(root)})
         with Progress(todo, "extract", unit="img") as bar:
             for row in ds.iter_rows():
                 for k in sums:

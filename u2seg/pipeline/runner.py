@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -98,7 +99,9 @@ def _claim_outputs(root: RunRoot, stage: str, config_hash: str) -> None:
     unfinished = sum(root.remove_unfinished_writes(rel) for rel in {stage, *STAGE_OUTPUTS[stage]})
     if unfinished:
         log.info("%s: removed %d unfinished write(s) of an interrupted run", stage, unfinished)
-    root.write_json(started, {"config_hash": config_hash, "started_at": time.time()})
+    # run_token fences writers: workers of an older, killed driver that are still finishing a task see a
+    # newer token and commit nothing (extract checks it before each commit)
+    root.write_json(started, {"config_hash": config_hash, "started_at": time.time(), "run_token": uuid.uuid4().hex})
 
 
 def run_stage(stage: str, cfg: U2SegConfig, *, force: bool = False) -> dict[str, Any]:
