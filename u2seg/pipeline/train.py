@@ -57,6 +57,23 @@ class _DDPStep:
         return self.ddp(*args)
 
 
+def append_metrics(root: RunRoot, rel: str, rows: list[dict[str, Any]], *, keep_upto: int) -> None:
+    """Append ``rows`` to ``metrics.jsonl``, first dropping recorded steps after ``keep_upto``.
+
+    An attempt killed after it recorded steps but before their checkpoint was committed is resumed from
+    an earlier step; those steps are trained again and must appear once, with the later attempt's values.
+    """
+    kept = []
+    if root.exists(rel):
+        for line in root.read_text(rel).splitlines():
+            try:
+                if json.loads(line)["step"] <= keep_upto:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):  # a torn or foreign line: drop it
+                continue
+    root.write_text(rel, "".join(kept) + "".join(json.dumps(r) + "\n" for r in rows))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """One DDP rank: build, maybe restore, then step through its Ray Data shard until ``steps``."""
     import ray.train
@@ -101,6 +118,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     history: list[dict[str, Any]] = []
     start_step, t0, cpu0 = step, time.time(), time.process_time()
+    recorded_upto = start_step  # metrics.jsonl rows up to this step belong to the curve
     while step < tc.steps:
         for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
             samples = [targets_from_labels(img, seg, json.loads(str(segs)), config["k_things"])
@@ -115,6 +133,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             history.append(metrics)
             last = step >= tc.steps
             if step % tc.checkpoint_every == 0 or last:
+                if rank == 0:  # the curve so far survives a kill; rows past a checkpoint are never kept twice
+                    append_metrics(config["root"], config["metrics_rel"], history, keep_upto=recorded_upto)
+                    history, recorded_upto = [], step
                 with tempfile.TemporaryDirectory() as d:
                     ckpt_obj = None
                     if rank == 0:
@@ -126,8 +147,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
     if rank == 0:
         root: RunRoot = config["root"]
-        prev = root.read_text(config["metrics_rel"]) if root.exists(config["metrics_rel"]) else ""
-        root.write_text(config["metrics_rel"], prev + "".join(json.dumps(h) + "\n" for h in history))
         root.write_bytes(config["model_rel"], model_to_bytes(model, extra={"step": step}))
 
 
