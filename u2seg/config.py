@@ -63,9 +63,10 @@ class StorageConfig:
     secret: str | None = knob(None, "secret access key; never logged; default: $AWS_SECRET_ACCESS_KEY")
     region: str | None = knob(None, "region name; default: $AWS_REGION / $AWS_DEFAULT_REGION")
     anon: bool = knob(False, "anonymous access to public buckets")
-    write_retry_s: float = knob(120.0, "how long a worker keeps retrying a write to the run root that failed "
-                                "with a transient error (endpoint down, connection reset, timeout) before "
-                                "the task fails; 0 = no retry", _non_negative, ">= 0")
+    retry_s: float = knob(120.0, "how long a worker keeps retrying a read of an input image or a write to the "
+                          "run root that failed with a transient error (endpoint down, connection reset, "
+                          "timeout) before its task fails; permanent errors (no such key or bucket, access "
+                          "denied) are never retried; 0 = no retry", _non_negative, ">= 0")
 
     def storage_options(self) -> dict[str, Any]:
         """fsspec/s3fs keyword arguments for ``s3://`` URIs."""

@@ -53,10 +53,31 @@ def _filter_done(batch: pa.Table, done: pa.Array) -> pa.Table:
     return batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=done)))
 
 
-def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+class InputUnreachableError(RuntimeError):
+    """An input image stayed unreadable through a transient error for the whole retry budget."""
+
+
+def fetch_image_bytes(uri: str, storage_options: dict[str, Any], retry_s: float) -> bytes:
+    """The bytes of one input image; transient errors are retried for ``retry_s`` seconds, then raise
+    :class:`InputUnreachableError` (the task fails: an outage must not be recorded as a bad image)."""
+    from u2seg.io.retry import is_transient, retry_transient
+    from u2seg.io.runroot import filesystem_for, split_protocol
+
+    fs = filesystem_for(uri, storage_options)
+    path = split_protocol(uri)[1]
+    try:
+        return retry_transient(lambda: fs.cat_file(path), retry_s, f"read {uri}")
+    except Exception as exc:
+        if is_transient(exc):
+            raise InputUnreachableError(f"extract: could not read {uri} within run.storage.retry_s={retry_s}s: "
+                                        f"{type(exc).__name__}: {exc}") from exc
+        raise
+
+
+def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
+                  retry_s: float = 0.0) -> dict[str, np.ndarray]:
     """Fetch and decode on CPU tasks; a bad image becomes a row with ok=False and the reason."""
     from u2seg.io.images import decode_image
-    from u2seg.io.runroot import filesystem_for, split_protocol
 
     n = len(batch["uri"])
     out: dict[str, list] = {k: [] for k in ("image_id", "uri", "ok", "error_class", "message", "image")}
@@ -65,12 +86,14 @@ def _decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any])
         out["image_id"].append(str(batch["image_id"][i]))
         out["uri"].append(uri)
         try:
-            data = filesystem_for(uri, storage_options).cat_file(split_protocol(uri)[1])
+            data = fetch_image_bytes(uri, storage_options, retry_s)
             out["image"].append(decode_image(data))
             out["ok"].append(True)
             out["error_class"].append("")
             out["message"].append("")
-        except Exception as exc:  # any failure of one image must not stop the job
+        except InputUnreachableError:
+            raise
+        except Exception as exc:  # any other failure of one image must not stop the job
             reason = getattr(exc, "reason", None)
             out["ok"].append(False)
             out["error_class"].append(type(exc).__name__ + (f":{reason}" if reason else ""))
@@ -181,7 +204,8 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         if gpus == 0 and resolve_device(cfg.run.device) == "cuda" and ray.cluster_resources().get("GPU", 0):
             gpus = 1.0
         ds = ds.map_batches(_decode_batch, batch_size=ex.batch_size, num_cpus=1,
-                            fn_kwargs={"storage_options": cfg.run.storage.storage_options()})
+                            fn_kwargs={"storage_options": cfg.run.storage.storage_options(),
+                                       "retry_s": cfg.run.storage.retry_s})
         ds = ds.map_batches(MaskCutActor, batch_size=ex.batch_size, compute=ray.data.ActorPoolStrategy(
             size=ex.num_actors), num_gpus=gpus, num_cpus=ex.cpus_per_actor,
             fn_constructor_kwargs={"cfg_dict": cfg.to_dict()})
