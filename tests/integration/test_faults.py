@@ -370,6 +370,11 @@ def test_broken_and_odd_images_become_error_rows(ray_cluster, synthetic_world, w
 # ----------------------------------------------------------------------------------------------- 5. driver
 
 
+def _text(path: str) -> str:
+    with open(path, "rb") as fh:
+        return fh.read().decode(errors="replace")
+
+
 def _segments(root: RunRoot) -> dict[str, list]:
     pan = root.read_json("labels/panoptic.json")
     return {a["file_name"]: a["segments_info"] for a in pan["annotations"]}
@@ -398,7 +403,6 @@ def test_sigkilled_driver_resumes_to_the_same_result(ray_cluster, synthetic_worl
     for cfg in (killed_cfg, clean_cfg):
         run_stage("manifest", cfg)
     killed, clean = RunRoot(killed_cfg.run.run_root), RunRoot(clean_cfg.run.run_root)
-    reference = Background(run_stage, "extract", clean_cfg)  # uninterrupted, meanwhile, on the session Ray
     log_path = str(tmp_path / "driver.log")
     args = [sys.executable, "-m", "jobs.extract", "--config", str(yaml_path)]
     t0 = time.time()
@@ -407,6 +411,11 @@ def test_sigkilled_driver_resumes_to_the_same_result(ray_cluster, synthetic_worl
             driver = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         try:
+            # the uninterrupted reference runs meanwhile on the session Ray, but only once the driver's own
+            # Ray is up: on a 2-core box a ViT competing with Ray's start-up can push it past Ray's limit
+            wait_for(lambda: "images in the manifest" in _text(log_path) or driver.poll() is not None, 300,
+                     "the driver's Ray to start")
+            reference = Background(run_stage, "extract", clean_cfg)
             wait_for(lambda: killed.list("extract/images", ".parquet") or driver.poll() is not None, 420,
                      "the first ledger part", every=0.05)
             assert driver.poll() is None, f"driver exited ({driver.returncode}) early:\n{tail(log_path)}"

@@ -72,6 +72,8 @@ def test_local_ray_start_retries_only_a_start_up_timeout(monkeypatch, failures, 
     monkeypatch.setattr(ray, "init", fake.init)
     monkeypatch.setattr(ray, "shutdown", fake.shutdown)
     monkeypatch.setattr(runner.time, "sleep", lambda s: None)
+    stopped: list[int] = []
+    monkeypatch.setattr(runner, "stop_ray_children", lambda: stopped.append(1) or 0)  # spare the session Ray
     if raises:
         with pytest.raises(Exception, match=error.split(":")[0][:20]):
             runner.start_local_ray(num_cpus=2)
@@ -79,3 +81,27 @@ def test_local_ray_start_retries_only_a_start_up_timeout(monkeypatch, failures, 
         runner.start_local_ray(num_cpus=2)
     assert len(fake.calls) == expect_calls and fake.shutdowns == min(failures, expect_calls)
     assert all(c == {"address": "local", "num_cpus": 2} for c in fake.calls)
+    assert len(stopped) == (expect_calls - 1 if "timed out" in error else 0)
+
+
+STOP_CHILDREN_SCRIPT = """
+import subprocess, sys
+from u2seg.pipeline import runner
+sleeper = [sys.executable, "-c", "import time; time.sleep(120)"]
+ray_like = subprocess.Popen([*sleeper, "/site-packages/ray/core/src/ray/raylet/raylet"])
+other = subprocess.Popen(sleeper)
+stopped = runner.stop_ray_children()
+alive = other.poll() is None
+other.kill()
+print(stopped, alive)
+"""
+
+
+def test_stop_ray_children_kills_only_ray_processes():
+    """In a child process: this test process's own children include the session's Ray cluster."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", STOP_CHILDREN_SCRIPT], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.split()
+    assert out == ["1", "True"], out

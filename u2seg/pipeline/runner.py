@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -47,10 +48,9 @@ def ensure_ray(cfg: U2SegConfig) -> None:
     if ray.is_initialized():
         return
     kwargs: dict[str, Any] = {"log_to_driver": True, "logging_level": logging.WARNING}
-    if cfg.run.ray_address:
-        ray.init(address=cfg.run.ray_address, **kwargs)
-    elif os.environ.get("RAY_ADDRESS"):  # set by `ray job submit` for its entrypoint
-        ray.init(**kwargs)
+    address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")  # the env var: set by `ray job submit`
+    if address and address != "local":
+        ray.init(address=address, **kwargs)
     else:  # never join some other cluster that happens to run on this machine
         start_local_ray(num_cpus=cfg.run.ray_num_cpus, **kwargs)
     quiet_ray_data()
@@ -69,8 +69,29 @@ def start_local_ray(attempts: int = LOCAL_RAY_START_ATTEMPTS, **kwargs: Any) -> 
             ray.shutdown()
             if attempt == attempts or "timed out during startup" not in str(exc):
                 raise
-            log.warning("ray: local start-up attempt %d/%d timed out (%s); retrying", attempt, attempts, exc)
+            stopped = stop_ray_children()  # the failed attempt's GCS/raylet would only add to the load
+            log.warning("ray: local start-up attempt %d/%d timed out (%s); stopped %d of its processes, "
+                        "retrying", attempt, attempts, exc, stopped)
             time.sleep(2.0 * attempt)
+
+
+def stop_ray_children(timeout: float = 10.0) -> int:
+    """Kill the Ray processes this process started (GCS, raylet, dashboard, workers) after a failed start."""
+    import psutil
+
+    def is_ray(p: psutil.Process) -> bool:
+        try:
+            name, cmd = p.name(), " ".join(p.cmdline())
+        except psutil.Error:
+            return False
+        return name in ("gcs_server", "raylet") or "/ray/" in cmd or cmd.startswith("ray::")
+
+    procs = [p for p in psutil.Process().children(recursive=True) if is_ray(p)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=timeout)
+    return len(procs)
 
 
 def quiet_ray_data() -> None:
