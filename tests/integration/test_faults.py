@@ -296,6 +296,9 @@ def test_removed_worker_node_mid_extract(synthetic_world, tmp_path):
 # ----------------------------------------------------------------------------------------------- 3. S3
 
 
+OUTAGE_S = 20
+
+
 @pytest.mark.timeout(420)
 def test_s3_restart_during_writes(ray_cluster, s3, synthetic_world, tmp_path):
     from helpers import check_extract_exactly_once, tiny_config
@@ -309,26 +312,20 @@ def test_s3_restart_during_writes(ray_cluster, s3, synthetic_world, tmp_path):
     assert job.alive(), f"extract ended before the restart: {job.error or job.result}"
     done_at_restart = ledger_count(root)
     t0 = time.time()
-    s3.restart()
+    s3.stop()  # down for longer than s3fs's own retries last: run.storage.retry_s must carry the writes
+    try:
+        time.sleep(OUTAGE_S)
+    finally:
+        s3.start()
     down_s = round(time.time() - t0, 1)
     job.join(300)
-    processed = [job.result["processed_now"] if job.result else None]
-    reruns, first_error, cause = 0, "none", ""
-    if job.error is not None:  # failing is allowed, but loudly and with the cause in the message
-        first_error = f"{type(job.error).__name__}: {job.error}"
-        cause = [ln.strip() for ln in first_error.splitlines() if ln.strip()][-1]  # the root exception
-        clues = ("S3", "s3", "Connect", "connect", "Endpoint", "OSError", "refused")
-        assert any(w in first_error for w in clues), first_error[:2000]
-        before = ledger_count(root)
-        again = run_stage("extract", cfg)
-        reruns = 1
-        processed.append(again["processed_now"])
-        assert again["processed_now"] == 24 - before
+    assert job.error is None, f"extract failed through a {down_s}s outage: {job.error!r}"
+    processed = job.result["processed_now"]
+    assert processed == 24
     counts = check_extract_exactly_once(root)
     assert counts["images"] == 24 and counts["errors"] == 0
     report("s3_restart", images=counts["images"], errors=counts["errors"], masks=counts["masks"],
-           done_at_restart=done_at_restart, server_down_s=down_s, reruns=reruns, processed=processed,
-           first_error=json.dumps(first_error.split("\n")[0][:80] + " ... " + cause[:200]))
+           done_at_restart=done_at_restart, server_down_s=down_s, reruns=0, processed=processed)
 
 
 # ----------------------------------------------------------------------------------------------- 4. odd input

@@ -80,7 +80,8 @@ def test_local_ray_start_retries_only_a_start_up_timeout(monkeypatch, failures, 
     else:
         runner.start_local_ray(num_cpus=2)
     assert len(fake.calls) == expect_calls and fake.shutdowns == min(failures, expect_calls)
-    assert all(c == {"address": "local", "num_cpus": 2} for c in fake.calls)
+    hook = {"worker_process_setup_hook": "u2seg.pipeline.runner.quiet_worker_logs"}
+    assert all(c == {"address": "local", "runtime_env": hook, "num_cpus": 2} for c in fake.calls)
     assert len(stopped) == (expect_calls - 1 if "timed out" in error else 0)
 
 

@@ -45,7 +45,8 @@ def image_to_tensor(image: np.ndarray | torch.Tensor) -> torch.Tensor:
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-        t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        # Arrow-backed batches are read-only views: copy those (torch warns on non-writable arrays)
+        t = torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1)
     else:
         t = image
         if t.ndim != 3 or t.shape[0] != 3:

@@ -61,9 +61,10 @@ def start_local_ray(attempts: int = LOCAL_RAY_START_ATTEMPTS, **kwargs: Any) -> 
     """Start a private local Ray, retrying a start-up that timed out (an overloaded laptop or CI box)."""
     import ray
 
+    runtime_env = {"worker_process_setup_hook": "u2seg.pipeline.runner.quiet_worker_logs"}
     for attempt in range(1, attempts + 1):
         try:
-            ray.init(address="local", **kwargs)
+            ray.init(address="local", runtime_env=runtime_env, **kwargs)
             return
         except Exception as exc:  # Ray raises a bare Exception when its raylet does not come up in time
             ray.shutdown()
@@ -73,6 +74,12 @@ def start_local_ray(attempts: int = LOCAL_RAY_START_ATTEMPTS, **kwargs: Any) -> 
             log.warning("ray: local start-up attempt %d/%d timed out (%s); stopped %d of its processes, "
                         "retrying", attempt, attempts, exc, stopped)
             time.sleep(2.0 * attempt)
+
+
+def quiet_worker_logs() -> None:
+    """Runs in each worker of a local Ray. `ray[data,train]` has no dashboard, so Ray Train's placement-group
+    cleaner cannot reach the state API and would warn about it every second of training."""
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 def stop_ray_children(timeout: float = 10.0) -> int:
