@@ -319,7 +319,8 @@ def test_s3_restart_during_writes(ray_cluster, s3, synthetic_world, tmp_path):
         s3.start()
     down_s = round(time.time() - t0, 1)
     job.join(300)
-    assert job.error is None, f"extract failed through a {down_s}s outage: {job.error!r}"
+    assert job.error is None, (f"extract failed through a {down_s}s outage: {job.error!r}, caused by "
+                               f"{getattr(job.error, 'cause', None) or job.error.__cause__!r}")
     processed = job.result["processed_now"]
     assert processed == 24
     counts = check_extract_exactly_once(root)

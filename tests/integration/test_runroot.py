@@ -95,8 +95,8 @@ def test_a_write_waits_out_a_storage_outage_and_a_permanent_error_does_not_wait(
     from helpers import Background
 
     uri = s3.uri(f"t-{uuid.uuid4().hex[:10]}")
-    patient = RunRoot(uri, s3.storage_options(), write_retry_s=120)
-    impatient = RunRoot(uri, s3.storage_options(), write_retry_s=0)
+    patient = RunRoot(uri, s3.storage_options(), retry_s=120)
+    impatient = RunRoot(uri, s3.storage_options(), retry_s=0)
     patient.write_bytes("warm.bin", b"0")   # connections and caches exist before the outage
     s3.stop()
     try:
@@ -113,7 +113,7 @@ def test_a_write_waits_out_a_storage_outage_and_a_permanent_error_does_not_wait(
     assert write.error is None, repr(write.error)
     assert patient.read_bytes("a/part.bin") == b"x" * 100_000
     assert not patient.exists("a/other.bin") and info.value is not None
-    bad = RunRoot("s3://x_/run", s3.storage_options(), write_retry_s=120)
+    bad = RunRoot("s3://x_/run", s3.storage_options(), retry_s=120)
     t0 = time.time()
     with pytest.raises(Exception):  # noqa: B017 - the backend's own error type for a bad bucket
         bad.write_bytes("f.bin", b"z")

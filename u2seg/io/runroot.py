@@ -14,8 +14,8 @@ import logging
 import os
 import posixpath
 import uuid
-from collections.abc import Iterator
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from u2seg.io.retry import retry_transient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def split_protocol(uri: str) -> tuple[str, str]:
@@ -78,19 +79,19 @@ def pyarrow_filesystem(uri: str, storage_options: dict[str, Any] | None = None) 
 class RunRoot:
     """A run's root folder/prefix. Picklable: workers rebuild the filesystem from URI + options."""
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, write_retry_s: float = 0.0):
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, *, retry_s: float = 0.0):
         self.uri = uri.rstrip("/") if "://" in uri else os.path.abspath(os.path.expanduser(uri))
         self.storage_options = dict(storage_options or {})
-        self.write_retry_s = float(write_retry_s)  # how long a write keeps retrying transient errors
+        self.retry_s = float(retry_s)  # how long writes (and commit-critical reads) retry transient errors
         self.protocol, self.root = split_protocol(self.uri)
         self._fs: fsspec.AbstractFileSystem | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"uri": self.uri, "storage_options": self.storage_options, "write_retry_s": self.write_retry_s}
+        return {"uri": self.uri, "storage_options": self.storage_options, "retry_s": self.retry_s}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["uri"], state["storage_options"],  # type: ignore[misc]
-                      write_retry_s=state.get("write_retry_s", 0.0))
+                      retry_s=state.get("retry_s", 0.0))
 
     def __repr__(self) -> str:  # never show credentials
         return f"RunRoot({self.uri!r})"
@@ -127,11 +128,13 @@ class RunRoot:
         return json.loads(self.read_bytes(*parts))
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        """Atomically publish ``data`` at ``rel``; transient storage errors are retried for write_retry_s."""
-        if self.write_retry_s <= 0:
-            self._write_once(rel, data)
-            return
-        retry_transient(lambda: self._write_once(rel, data), self.write_retry_s, f"write {self.join(rel)}")
+        """Atomically publish ``data`` at ``rel``; transient storage errors are retried for retry_s."""
+        self.retrying(lambda: self._write_once(rel, data), f"write {self.join(rel)}")
+
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` with transient storage errors retried for ``retry_s`` seconds (for idempotent calls:
+        every write, and the reads a commit depends on)."""
+        return retry_transient(fn, self.retry_s, what) if self.retry_s > 0 else fn()
 
     def _write_once(self, rel: str, data: bytes) -> None:
         target = self.path(rel)

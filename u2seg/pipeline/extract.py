@@ -137,7 +137,10 @@ def run_token(root: RunRoot) -> str | None:
 
 
 def _check_owner(root: RunRoot, token: str | None) -> None:
-    if token is not None and (current := run_token(root)) != token:
+    if token is None:
+        return
+    current = root.retrying(lambda: run_token(root), "read extract/_STARTED")  # rides out an outage like writes
+    if current != token:
         raise StaleWriterError(f"extract: a newer run ({current}) owns {root.uri}; this writer of run {token} "
                                "commits nothing")
 

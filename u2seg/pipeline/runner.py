@@ -38,7 +38,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
 
 def open_root(cfg: U2SegConfig) -> RunRoot:
     return RunRoot(cfg.run.run_root, cfg.run.storage.storage_options(),
-                   write_retry_s=cfg.run.storage.retry_s)
+                   retry_s=cfg.run.storage.retry_s)
 
 
 def ensure_ray(cfg: U2SegConfig) -> None:
