@@ -75,6 +75,15 @@ class S3Server:
         self.proc = _spawn(self.args, self.data_dir)
         _wait_ready(self)
 
+    @contextlib.contextmanager
+    def outage(self) -> Iterator[None]:
+        """The server is down inside the block and back (same ports, same data) after it."""
+        self.stop()
+        try:
+            yield
+        finally:
+            self.start()
+
     def restart(self) -> None:
         """Stop and start again on the same ports and data (fault tests)."""
         self.stop()

@@ -312,11 +312,8 @@ def test_s3_restart_during_writes(ray_cluster, s3, synthetic_world, tmp_path):
     assert job.alive(), f"extract ended before the restart: {job.error or job.result}"
     done_at_restart = ledger_count(root)
     t0 = time.time()
-    s3.stop()  # down for longer than s3fs's own retries last: run.storage.retry_s must carry the writes
-    try:
+    with s3.outage():  # down for longer than s3fs's own retries last: run.storage.retry_s must carry the writes
         time.sleep(OUTAGE_S)
-    finally:
-        s3.start()
     down_s = round(time.time() - t0, 1)
     job.join(300)
     assert job.error is None, (f"extract failed through a {down_s}s outage: {job.error!r}, caused by "

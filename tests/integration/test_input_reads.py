@@ -31,14 +31,11 @@ def test_an_outage_is_waited_out_and_a_missing_image_is_an_error_row(s3):
     opts = s3.storage_options()
     warm = _decode_batch(_batch(uris), opts, 0)
     assert warm["ok"].tolist() == [True, False] and "FileNotFoundError" in warm["error_class"][1]
-    s3.stop()
-    try:
+    with s3.outage():
         patient = Background(_decode_batch, _batch(uris[:1]), opts, 120)
         with pytest.raises(InputUnreachableError, match="could not read"):
             _decode_batch(_batch(uris[:1]), opts, 0)    # no budget: the task fails, no error row
         time.sleep(3)
         assert patient.alive(), f"the read gave up during the outage: {patient.error!r}"
-    finally:
-        s3.start()
     out = patient.value(150)
     assert out["ok"].tolist() == [True] and out["image"][0].shape == (20, 30, 3)

@@ -98,8 +98,7 @@ def test_a_write_waits_out_a_storage_outage_and_a_permanent_error_does_not_wait(
     patient = RunRoot(uri, s3.storage_options(), retry_s=120)
     impatient = RunRoot(uri, s3.storage_options(), retry_s=0)
     patient.write_bytes("warm.bin", b"0")   # connections and caches exist before the outage
-    s3.stop()
-    try:
+    with s3.outage():
         write = Background(patient.write_bytes, "a/part.bin", b"x" * 100_000)
         t0 = time.time()
         with pytest.raises(Exception) as info:
@@ -107,8 +106,6 @@ def test_a_write_waits_out_a_storage_outage_and_a_permanent_error_does_not_wait(
         failed_after = time.time() - t0
         time.sleep(max(0.0, 5 - failed_after))
         assert write.alive(), f"the patient write ended during the outage: {write.error!r}"
-    finally:
-        s3.start()
     write.join(150)
     assert write.error is None, repr(write.error)
     assert patient.read_bytes("a/part.bin") == b"x" * 100_000

@@ -114,6 +114,7 @@ class _KMeansShard:
         self.spherical = spherical
         faiss.omp_set_num_threads(max(1, num_threads))  # do not oversubscribe the CPUs Ray gave us
         self.x = np.zeros((0, 0), dtype=np.float32)
+        self._init_keys: np.ndarray | None = None  # content keys of x for the init sample, once loaded
 
     # -- loading
     def count_rows(self, fs: fsspec.AbstractFileSystem | None, files: list[str] | None, dataset: Any) -> int:
@@ -177,12 +178,12 @@ class _KMeansShard:
             normalize_rows(self.x, inplace=True)
         if len(self.x) and not np.isfinite(self.x).all():
             raise ValueError(f"shard {self.shard_index}: descriptors contain NaN or Inf")
-        self._init_keys: np.ndarray | None = None
+        self._init_keys = None
         return self.x.shape
 
     # -- Lloyd
     def _keys(self, seed: int) -> np.ndarray:
-        if getattr(self, "_init_keys", None) is None:
+        if self._init_keys is None:
             self._init_keys = content_keys(self.x, seed, _INIT_SALT) if len(self.x) else np.zeros(0, np.uint64)
         return self._init_keys
 

@@ -134,7 +134,7 @@ class RunRoot:
     def retrying(self, fn: Callable[[], T], what: str) -> T:
         """``fn()`` with transient storage errors retried for ``retry_s`` seconds (for idempotent calls:
         every write, and the reads a commit depends on)."""
-        return retry_transient(fn, self.retry_s, what) if self.retry_s > 0 else fn()
+        return retry_transient(fn, self.retry_s, what)
 
     def _write_once(self, rel: str, data: bytes) -> None:
         target = self.path(rel)

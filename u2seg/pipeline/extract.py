@@ -133,7 +133,10 @@ class StaleWriterError(RuntimeError):
 
 def run_token(root: RunRoot) -> str | None:
     """The token of the run that owns ``extract/`` now (written by the runner when the stage starts)."""
-    return root.read_json("extract/_STARTED").get("run_token") if root.exists("extract/_STARTED") else None
+    try:
+        return root.read_json("extract/_STARTED").get("run_token")
+    except FileNotFoundError:
+        return None
 
 
 def _check_owner(root: RunRoot, token: str | None) -> None:
