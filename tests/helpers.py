@@ -48,7 +48,7 @@ EXTRACT_TABLES = ("images", "masks", "patches", "errors")
 
 
 def check_extract_exactly_once(root) -> dict[str, int]:
-    """Assert DESIGN 4's exactly-once contract on a finished extract; return the counts it saw.
+    """Assert the exactly-once contract (docs/stages.md) on a finished extract; return the counts it saw.
 
     Every manifest image is in the ledger (extract/images) exactly once; error rows match the ledger's
     error rows; no (image_id, mask_id) twice; every table has the same committed part names (no orphans)

@@ -12,9 +12,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from u2seg.config import STAGES, ConfigError, U2SegConfig, explain, load_config
+from u2seg.config import ConfigError, U2SegConfig, explain, load_config
+from u2seg.pipeline.stages import STAGES
 
 log = logging.getLogger("u2seg")
+
+# Stages reached through another command: `u2seg evaluate evaluate.target=model` runs evaluate_model.
+_COMMAND_OF_STAGE = {"evaluate_model": "evaluate"}
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -29,7 +33,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> U2SegConfig:
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "rounds", None) is not None:
+        overrides.append(f"train.rounds={args.rounds}")
+    cfg = load_config(args.config, overrides)
     setup_logging(cfg.run.log_level)
     return cfg
 
@@ -38,13 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="u2seg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage in STAGES:
-        _add_config_args(sub.add_parser(stage, help=f"run the {stage} stage"))
+    for st in STAGES:
+        if st.name in _COMMAND_OF_STAGE:
+            continue
+        _add_config_args(sub.add_parser(st.name, help=st.summary))
     p = sub.add_parser("pipeline", help="every stage in order, skipping finished ones")
     _add_config_args(p)
-    p = sub.add_parser("predict", help="batch inference of the trained model into the label format")
-    _add_config_args(p)
-    p = sub.add_parser("selftrain", help="predict -> relabel -> train, for --rounds rounds")
+    p = sub.add_parser("selftrain", help="the train stage with --rounds self-training rounds (predict -> relabel "
+                       "-> train); finished rounds are kept")
     _add_config_args(p)
     p.add_argument("--rounds", type=int, default=None, help="overrides train.rounds")
 
@@ -100,30 +108,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         run_bench(args)
         return 0
     cfg = _load(args)
-    if cmd in STAGES:
-        from u2seg.pipeline.runner import run_stage
-
-        stats = run_stage(cmd, cfg, force=args.force)
-        print(json.dumps(stats, indent=2, default=str))
-        return 0
     if cmd == "pipeline":
-        from u2seg.pipeline.orchestrate import run_pipeline
+        from u2seg.pipeline.run_pipeline import run_pipeline
 
-        summary = run_pipeline(cfg, force=args.force)
-        return 0 if summary.get("ok", True) else 1
-    if cmd == "predict":
-        from u2seg.pipeline.predict import run_predict
-        from u2seg.pipeline.runner import ensure_ray, open_root
-
-        ensure_ray(cfg)
-        print(json.dumps(run_predict(cfg, open_root(cfg)), indent=2, default=str))
+        run_pipeline(cfg, force=args.force)
         return 0
+    from u2seg.pipeline.run_stage import run_stage
+
     if cmd == "selftrain":
-        from u2seg.pipeline.selftrain import run_selftrain
-
-        print(json.dumps(run_selftrain(cfg, rounds=args.rounds), indent=2, default=str))
-        return 0
-    raise AssertionError(cmd)
+        cmd = "train"
+    if cmd == "evaluate" and cfg.evaluate.target == "model":
+        cmd = "evaluate_model"
+    print(json.dumps(run_stage(cmd, cfg, force=args.force), indent=2, default=str))
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,8 +22,6 @@ from typing import Any, Literal
 
 import yaml
 
-STAGES = ("manifest", "extract", "cluster", "label", "train", "evaluate")
-
 
 class ConfigError(ValueError):
     """A config key holds a value that is not allowed; the message names key, value and rule."""
@@ -255,18 +253,19 @@ class U2SegConfig:
                                                                    "ray_num_cpus")}
         return _digest(d)
 
-    def stage_hash(self, stage: str) -> str:
-        """Hash of one stage's inputs: its own section, the seed, and every upstream stage's section.
+    def section_hash(self, sections: Iterable[str], exclude: Iterable[str] = ()) -> str:
+        """Hash of the named config sections plus the seed: what a stage's work depends on.
 
-        A stage is rerun when this changes, so a changed upstream knob invalidates downstream stages.
+        The stage table (``u2seg.pipeline.stages``) names each stage's sections (its own and every
+        upstream one), so a changed upstream knob invalidates downstream stages. ``exclude`` drops
+        dotted keys that select work rather than describe it (``evaluate.target``).
         """
-        if stage not in STAGES:
-            raise ConfigError("stage", stage, f"one of {STAGES}")
-        upto = STAGES[: STAGES.index(stage) + 1]
-        if stage == "evaluate":
-            upto = STAGES
         d = self.to_dict()
-        payload = {s: d[s] for s in upto}
+        payload: dict[str, Any] = {s: d[s] for s in sections}
+        for dotted in exclude:
+            section, _, key = dotted.partition(".")
+            if section in payload:
+                payload[section] = {k: v for k, v in payload[section].items() if k != key}
         payload["seed"] = self.run.seed
         payload["run_root"] = self.run.run_root
         return _digest(payload)

@@ -20,8 +20,7 @@ import json
 import logging
 import posixpath
 import random
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +28,18 @@ import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from u2seg.io import RunRoot, filesystem_for, split_protocol
-from u2seg.io.images import ImageDecodeError, decode_image
+from u2seg.io import RunRoot, layout
+from u2seg.io.images import ImageDecodeError
+from u2seg.io.inputs import InputUnreachableError, read_image
+from u2seg.io.layout import read_part
 from u2seg.labels import decode_mask, decode_panoptic_png, decode_semantic_png, pseudo_categories
+from u2seg.pipeline.stages import STAGES, stage
 
 log = logging.getLogger(__name__)
 
-STAGE_ORDER = ("manifest", "extract", "cluster", "label", "train", "predict", "evaluate")
 MAX_SAMPLE = 64  # beyond this a figure is unreadable anyway; keeps "sample a few" a promise
 DPI = 80
-_ROUND = re.compile(r"round-(\d+)")
 
 
 # ----------------------------------------------------------------------------- display objects
@@ -147,29 +146,6 @@ def read_json_if(root: RunRoot, rel: str) -> Any | None:
     return root.read_json(rel) if root.exists(rel) else None
 
 
-def subdirs(root: RunRoot, rel: str = "") -> list[str]:
-    """Names of the folders directly under ``rel`` (one listing call; no recursive glob over a big run)."""
-    try:
-        root.fs.invalidate_cache(root.path(rel))
-        entries = root.fs.ls(root.path(rel), detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
-
-
-def read_part(root: RunRoot, rel: str, columns: Sequence[str] | None = None,
-              image_ids: Iterable[str] | None = None) -> pa.Table | None:
-    """One Parquet part (projected, optionally only rows of ``image_ids``), or None when absent."""
-    if not root.exists(rel):
-        return None
-    with root.fs.open(root.path(rel), "rb") as fh:
-        table = pq.read_table(fh, columns=list(columns) if columns else None)
-    if image_ids is not None:
-        ids = pa.array(sorted(set(image_ids)), pa.string())
-        table = table.filter(pc.is_in(table.column("image_id"), ids))
-    return table
-
-
 def sample_images(root: RunRoot, n: int = 4, *, seed: int = 0) -> list[dict[str, Any]]:
     """Up to ``n`` successfully extracted images, drawn from as few ledger parts as possible.
 
@@ -177,14 +153,14 @@ def sample_images(root: RunRoot, n: int = 4, *, seed: int = 0) -> list[dict[str,
     masks and cluster assignments share).
     """
     n = max(0, min(int(n), MAX_SAMPLE))
-    parts = root.list("extract/images", ".parquet")
+    parts = root.list(layout.LEDGER, ".parquet")
     rng = random.Random(seed)
     rng.shuffle(parts)
     chosen: list[dict[str, Any]] = []
     for name in parts:
         if len(chosen) >= n:
             break
-        table = read_part(root, f"extract/images/{name}",
+        table = read_part(root, layout.part(layout.LEDGER, name),
                           ["image_id", "uri", "status", "width", "height", "n_masks"])
         rows = [r for r in table.to_pylist() if r["status"] == "ok"]
         rng.shuffle(rows)
@@ -192,16 +168,16 @@ def sample_images(root: RunRoot, n: int = 4, *, seed: int = 0) -> list[dict[str,
     return sorted(chosen, key=lambda r: r["uri"])
 
 
-def load_image(uri: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
-    """A source image (local path or URI) as uint8 RGB, oriented as extract saw it."""
-    _, path = split_protocol(uri)
-    return decode_image(filesystem_for(uri, storage_options).cat_file(path))
+def load_image(uri: str, storage_options: dict[str, Any] | None = None, retry_s: float = 30.0) -> np.ndarray:
+    """A source image (local path or URI) as uint8 RGB, oriented as extract saw it; a storage blip is
+    waited out for ``retry_s`` seconds."""
+    return read_image(uri, storage_options, retry_s)
 
 
 def _try_load(uri: str, storage_options: dict[str, Any] | None) -> np.ndarray | None:
     try:
         return load_image(uri, storage_options)
-    except (OSError, ImageDecodeError) as exc:
+    except (OSError, ImageDecodeError, InputUnreachableError) as exc:
         log.warning("cannot show %s: %s: %s", uri, type(exc).__name__, exc)
         return None
 
@@ -213,8 +189,8 @@ def image_masks(root: RunRoot, sample: Sequence[dict[str, Any]]) -> dict[str, li
         by_part.setdefault(r["part"], set()).add(r["image_id"])
     out: dict[str, list[dict[str, Any]]] = {r["image_id"]: [] for r in sample}
     for part, ids in by_part.items():
-        masks = read_part(root, f"extract/masks/{part}", ["image_id", "mask_id", "rle", "bbox", "score"], ids)
-        assigned = read_part(root, f"cluster/assignments/{part}", ["image_id", "mask_id", "cluster_id"], ids)
+        masks = read_part(root, layout.part(layout.MASKS, part), ["image_id", "mask_id", "rle", "bbox", "score"], ids)
+        assigned = read_part(root, layout.part(layout.ASSIGNMENTS, part), ["image_id", "mask_id", "cluster_id"], ids)
         classes = {(a["image_id"], a["mask_id"]): a["cluster_id"] for a in assigned.to_pylist()} \
             if assigned is not None else {}
         for m in masks.to_pylist() if masks is not None else []:
@@ -227,10 +203,10 @@ def image_masks(root: RunRoot, sample: Sequence[dict[str, Any]]) -> dict[str, li
 
 def class_counts(root: RunRoot) -> tuple[int, int]:
     """(k_things, k_stuff) as clustered: lengths of cluster/sizes.json, else the label stage's stats."""
-    sizes = read_json_if(root, "cluster/sizes.json")
+    sizes = read_json_if(root, layout.CLUSTER_SIZES)
     if sizes:
         return len(sizes.get("things", [])), len(sizes.get("stuff", []))
-    stats = read_json_if(root, "label/stats.json") or {}
+    stats = read_json_if(root, layout.marker(layout.LABELS, layout.STATS)) or {}
     return int(stats.get("k_things", 0)), int(stats.get("k_stuff", 0))
 
 
@@ -238,7 +214,7 @@ def category_names(root: RunRoot) -> dict[int, str]:
     """Pseudo category id -> ``thing_3`` style name, with the gt class it was mapped to when evaluated."""
     k_things, k_stuff = class_counts(root)
     names = {c["id"]: c["name"] for c in pseudo_categories(k_things, k_stuff)}
-    mapping = read_json_if(root, "eval/mapping.json") or {}
+    mapping = read_json_if(root, f"{layout.EVAL_LABELS}/mapping.json") or {}
     for cid, gt_name in (mapping.get("mapped_names") or {}).items():
         if int(cid) in names:
             names[int(cid)] = f"{names[int(cid)]} → {gt_name}"
@@ -271,7 +247,7 @@ def _thing_color(lut: np.ndarray, cluster_id: int | None) -> np.ndarray:
 
 
 def _label_png(root: RunRoot, kind: str, image_id: str) -> np.ndarray | None:
-    rel = f"labels/{kind}/{image_id}.png"
+    rel = f"{layout.LABELS}/{kind}/{image_id}.png"
     if not root.exists(rel):
         return None
     data = root.read_bytes(rel)
@@ -448,17 +424,17 @@ def gallery_members(root: RunRoot, n_classes: int = 6, n_members: int = 6, *, ma
     Only ``max_parts`` assignment parts are scanned, so "nearest" means nearest among those.
     Each member: image_id, mask_id, distance, part.
     """
-    sizes = (read_json_if(root, "cluster/sizes.json") or {}).get("things") or []
+    sizes = (read_json_if(root, layout.CLUSTER_SIZES) or {}).get("things") or []
     order = [int(c) for c in np.argsort(-np.asarray(sizes, np.int64), kind="stable") if sizes[c] > 0]
     top = order[:n_classes]
     if not top:
         return []
-    parts = root.list("cluster/assignments", ".parquet")
+    parts = root.list(layout.ASSIGNMENTS, ".parquet")
     random.Random(seed).shuffle(parts)
     found: dict[int, list[dict[str, Any]]] = {c: [] for c in top}
     wanted = pa.array(top, pa.int32())
     for name in parts[:max_parts]:
-        table = read_part(root, f"cluster/assignments/{name}",
+        table = read_part(root, layout.part(layout.ASSIGNMENTS, name),
                           ["image_id", "mask_id", "cluster_id", "distance"])
         table = table.filter(pc.is_in(table.column("cluster_id"), wanted))
         for r in table.to_pylist():
@@ -483,8 +459,8 @@ def thing_gallery(root: RunRoot, n_classes: int = 6, n_members: int = 6, *, thum
     rles: dict[tuple[str, int], dict[str, Any]] = {}
     uris: dict[str, str] = {}
     for part, ids in wanted.items():
-        masks = read_part(root, f"extract/masks/{part}", ["image_id", "mask_id", "rle", "bbox"], ids)
-        ledger = read_part(root, f"extract/images/{part}", ["image_id", "uri"], ids)
+        masks = read_part(root, layout.part(layout.MASKS, part), ["image_id", "mask_id", "rle", "bbox"], ids)
+        ledger = read_part(root, layout.part(layout.LEDGER, part), ["image_id", "uri"], ids)
         for m in masks.to_pylist() if masks is not None else []:
             rles[(m["image_id"], m["mask_id"])] = m
         for r in ledger.to_pylist() if ledger is not None else []:
@@ -525,7 +501,7 @@ def thing_gallery(root: RunRoot, n_classes: int = 6, n_members: int = 6, *, thum
 
 def cluster_size_histogram(root: RunRoot) -> Png | Note:
     """How many masks (things) or patches (stuff) each cluster got: balanced, or a few giants and dust?"""
-    sizes = read_json_if(root, "cluster/sizes.json")
+    sizes = read_json_if(root, layout.CLUSTER_SIZES)
     if not sizes:
         return Note("no clusters yet: run `u2seg cluster`")
     kinds = [(k, np.asarray(sizes.get(k) or [], np.int64)) for k in ("things", "stuff")]
@@ -555,10 +531,9 @@ def cluster_size_histogram(root: RunRoot) -> Png | Note:
 
 def read_training_metrics(root: RunRoot, max_points: int = 5000) -> dict[str, list[dict[str, Any]]]:
     """``{"round-R": [records]}`` from train/round-*/metrics.jsonl, each thinned to ``max_points`` records."""
-    rounds = sorted((int(m.group(1)), d) for d in subdirs(root, "train") if (m := _ROUND.fullmatch(d)))
     out: dict[str, list[dict[str, Any]]] = {}
-    for _, rnd in rounds:
-        path = f"train/{rnd}/metrics.jsonl"
+    for r in layout.rounds_with(root, layout.TRAIN):
+        rnd, path = layout.round_name(r), layout.round_metrics(r)
         if not root.exists(path):
             continue
         records = []
@@ -642,9 +617,9 @@ def _dig(obj: Any, path: Sequence[str]) -> Any:
 
 
 def eval_table(root: RunRoot) -> Table | Note:
-    """Pseudo-labels (eval/) and, once trained, the model (eval/model/) side by side; scores in %."""
-    sources = [(label, read_json_if(root, rel)) for label, rel in
-               (("pseudo-labels", "eval/metrics.json"), ("model", "eval/model/metrics.json"))]
+    """Pseudo-labels (eval/labels/) and, once trained, the model (eval/model/) side by side; scores in %."""
+    sources = [(label, read_json_if(root, f"{folder}/metrics.json"))
+               for label, folder in (("pseudo-labels", layout.EVAL_LABELS), ("model", layout.EVAL_MODEL))]
     sources = [(label, m) for label, m in sources if m is not None]
     if not sources:
         return Note("no evaluation yet: run `u2seg evaluate` with a labeled set")
@@ -673,34 +648,33 @@ def _flatten(stats: dict[str, Any], prefix: str = "", depth: int = 2) -> list[tu
 
 def stage_table(root: RunRoot, *, max_details: int = 10) -> Table | Note:
     """One row per stage that wrote stats.json: done or not, wall time, config hash, its main numbers."""
-    found = {d for d in subdirs(root) if root.exists(d, "stats.json")}
-    stages = [s for s in STAGE_ORDER if s in found] + sorted(found - set(STAGE_ORDER))
+    stages = [st for st in STAGES if root.exists(st.marker(layout.STATS))]
     if not stages:
         return Note(f"no stage has run in {root.uri} yet")
     rows = []
-    for stage in stages:
-        stats = read_json_if(root, f"{stage}/stats.json") or {}
+    for st in stages:
+        stats = read_json_if(root, st.marker(layout.STATS)) or {}
         details = [(k, v) for k, v in _flatten(stats)
                    if k not in ("stage", "config_hash", "wall_s", "skipped") and "timings" not in k]
         text = "; ".join(f"{k}={_fmt_cell(v)}" for k, v in details[:max_details])
         if len(details) > max_details:
             text += f"; … (+{len(details) - max_details})"
-        rows.append([stage, "done" if root.exists(stage, "_SUCCESS") else "incomplete",
+        rows.append([st.name, "done" if root.exists(st.marker()) else "incomplete",
                      stats.get("wall_s"), stats.get("config_hash"), text])
     return Table(["stage", "status", "wall s", "config hash", "details"], rows, "stages")
 
 
 def error_table(root: RunRoot, *, max_parts: int = 16) -> Table | Note:
     """Extract errors by class with one example each (from at most ``max_parts`` error parts)."""
-    parts = root.list("extract/errors", ".parquet")
+    parts = root.list(layout.ERRORS, ".parquet")
     counts: dict[str, list[Any]] = {}
     for name in parts[:max_parts]:
-        table = read_part(root, f"extract/errors/{name}", ["uri", "error_class", "message"])
+        table = read_part(root, layout.part(layout.ERRORS, name), ["uri", "error_class", "message"])
         for r in table.to_pylist():
             entry = counts.setdefault(r["error_class"], [0, r["uri"], r["message"]])
             entry[0] += 1
     if not counts:
-        return Note("no extract errors" if parts or root.exists("extract", "_SUCCESS")
+        return Note("no extract errors" if parts or root.exists(stage("extract").marker())
                     else "extract has not run yet")
     rows = [[cls, n, uri, (msg or "")[:120]] for cls, (n, uri, msg) in
             sorted(counts.items(), key=lambda kv: (-kv[1][0], kv[0]))]

@@ -24,7 +24,7 @@ import pytest
 from u2seg import viz
 from u2seg.data.synthetic import make_synthetic
 from u2seg.io import RunRoot
-from u2seg.pipeline.runner import run_stage
+from u2seg.pipeline.run_stage import run_stage
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +138,7 @@ def test_viz_on_s3_root_with_training_and_model_metrics(tiny_run, s3):
     root.write_text("train/round-0/metrics.jsonl", "\n".join(lines) + "\n")
     partial_line = '\n{"step": 20, "lo'  # a log still being written
     root.write_text("train/round-1/metrics.jsonl", "\n".join(lines[:4]) + partial_line)
-    metrics = root.read_json("eval/metrics.json")
+    metrics = root.read_json("eval/labels/metrics.json")
     metrics["panoptic"]["All"]["pq"] = 0.5
     root.write_json("eval/model/metrics.json", metrics)
 

@@ -29,13 +29,16 @@ def test_pipeline_runs_every_stage_and_reruns_as_noops(ray_cluster, tmp_path, ca
     out = capsys.readouterr().out
     assert "pseudo-labels" in out and "model" in out and "pq" in out     # the metric table
     root = RunRoot(str(run))
-    for stage in ("manifest", "extract", "cluster", "label", "train", "evaluate"):
-        assert root.exists(stage, "_SUCCESS"), stage
-        assert root.exists(stage, "stats.json"), stage
+    from u2seg.pipeline.stages import STAGES
+
+    for st in STAGES:
+        assert root.exists(st.marker()), st.name
+        assert root.exists(st.marker("stats.json")), st.name
     assert root.exists("config.yaml") and "config_hash" in root.read_text("config.yaml")
     for rel in ("labels/panoptic.json", "labels/instances.json", "train/round-0/model.pt", "train/round-1/model.pt",
-                "predict/round-1/panoptic.json", "selftrain/round-1/panoptic.json", "eval/metrics.json",
-                "eval/report.html", "eval/model/metrics.json"):
+                "selftrain/round-1/predictions/panoptic.json", "selftrain/round-1/labels/panoptic.json",
+                "predict/panoptic.json", "eval/labels/metrics.json", "eval/labels/report.html",
+                "eval/model/metrics.json"):
         assert root.exists(rel), rel
     train = root.read_json("train", "stats.json")
     assert [r["round"] for r in train["rounds"]] == [0, 1]
@@ -45,11 +48,11 @@ def test_pipeline_runs_every_stage_and_reruns_as_noops(ray_cluster, tmp_path, ca
     # the same command again: every stage is skipped (same config hash), nothing recomputed
     assert main(args) == 0
     again = capsys.readouterr().out
-    assert again.count("skipped") >= 6
+    assert again.count("skipped") >= 8
     # a changed knob reruns that stage (and the ones after it), not the ones before
     assert main([*args, "evaluate.report_images=2"]) == 0
     third = capsys.readouterr().out
     rows = {line.split()[0]: line for line in third.splitlines() if line.split() and line.split()[0] in (
-        "manifest", "extract", "cluster", "label", "train", "evaluate")}
-    assert all("skipped" in rows[s] for s in ("manifest", "extract", "cluster", "label", "train"))
-    assert "skipped" not in rows["evaluate"]
+        "manifest", "extract", "cluster", "label", "train", "predict", "evaluate", "evaluate_model")}
+    assert all("skipped" in rows[s] for s in ("manifest", "extract", "cluster", "label", "train", "predict"))
+    assert "skipped" not in rows["evaluate"] and "skipped" not in rows["evaluate_model"]

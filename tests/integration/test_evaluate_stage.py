@@ -21,7 +21,7 @@ from u2seg.config import ConfigError, load_config
 from u2seg.data.synthetic import make_synthetic
 from u2seg.io import RunRoot
 from u2seg.labels.coco import coco_image_id, decode_panoptic_png, panoptic_png_bytes, pseudo_categories
-from u2seg.pipeline.evaluate import run_evaluate
+from u2seg.pipeline.evaluate import run_evaluate_labels, run_evaluate_model
 
 pytestmark = pytest.mark.integration
 
@@ -74,8 +74,8 @@ def write_prediction(root: RunRoot, world: str, storage_options: dict | None = N
         ids = np.where(ids > 0, ids + 100, 0)
         png = f"{hex_id}.png"
         root.write_bytes(f"{prefix}/panoptic/{png}", panoptic_png_bytes(ids))
-        images.append({"id": cid, "file_name": posixpath.basename(im["u2seg_uri"]), "width": im["width"],
-                       "height": im["height"], "u2seg_image_id": hex_id, "uri": im["u2seg_uri"]})
+        images.append({"id": cid, "file_name": posixpath.basename(im["uri"]), "width": im["width"],
+                       "height": im["height"], "u2seg_image_id": hex_id, "uri": im["uri"]})
         pan.append({"image_id": cid, "file_name": png, "segments_info": out_segs})
         first = True
         for a in inst["annotations"]:
@@ -123,11 +123,11 @@ def stuff_in_both_parities(world: str) -> int:
     return both[0]
 
 
-def check_outputs(root: RunRoot, stats: dict) -> None:
-    metrics = root.read_json("eval", "metrics.json")
+def check_outputs(root: RunRoot, stats: dict, out: str = "eval/labels") -> None:
+    metrics = root.read_json(out, "metrics.json")
     assert metrics["panoptic"]["All"]["pq"] == pytest.approx(stats["pq"])
-    assert root.read_json("eval", "mapping.json")["mapping"]
-    html = root.read_text("eval", "report.html")
+    assert root.read_json(out, "mapping.json")["mapping"]
+    html = root.read_text(out, "report.html")
     assert "<table" in html and "PQ" in html and "mIoU" in html
     assert html.count("data:image/png;base64,") == 3 * 4  # 3 samples x 4 tiles
 
@@ -138,20 +138,20 @@ def test_evaluate_local_perfect_noisy_majority_model(tmp_path, world):
     cfg = load_config(None, [f"run.run_root={run}", *gt_overrides(world)])
 
     write_prediction(root, world, drop_first=True, extra=True)
-    stats = run_evaluate(cfg, root)
+    stats = run_evaluate_labels(cfg, root)
     assert stats["images"] == N_IMAGES - 1
     assert stats["gt_without_prediction"] == 1 and stats["predictions_without_gt"] == 1
     for key in ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "pixel_accuracy"):
         assert stats[key] == pytest.approx(1.0), key
     for key in ("ap_segm", "ap_bbox", "ap_agnostic_segm", "ap_agnostic_bbox", "ar100_segm"):
         assert stats[key] == pytest.approx(1.0, abs=1e-6), key
-    mapping = {int(k): v for k, v in root.read_json("eval", "mapping.json")["mapping"].items()}
+    mapping = {int(k): v for k, v in root.read_json("eval/labels", "mapping.json")["mapping"].items()}
     inverse = {v: k for k, v in PERM.items()}
     assert mapping and all(inverse[p] == g for p, g in mapping.items())
     check_outputs(root, stats)
 
     write_prediction(root, world, noise=True)
-    noisy = run_evaluate(cfg, root)
+    noisy = run_evaluate_labels(cfg, root)
     assert noisy["images"] == N_IMAGES and noisy["gt_without_prediction"] == 0
     assert 0.2 < noisy["pq"] < 0.99 and noisy["pq_things"] < 0.99 and noisy["pq_stuff"] < 0.99
     assert noisy["miou"] < 0.99 and noisy["ap_segm"] < 0.99
@@ -159,20 +159,18 @@ def test_evaluate_local_perfect_noisy_majority_model(tmp_path, world):
 
     # one gt stuff class split over two pseudo ids: Hungarian keeps one, majority maps both
     write_prediction(root, world, split_stuff=stuff_in_both_parities(world))
-    hung = run_evaluate(cfg, root)
-    maj = run_evaluate(load_config(None, [f"run.run_root={run}", *gt_overrides(world),
+    hung = run_evaluate_labels(cfg, root)
+    maj = run_evaluate_labels(load_config(None, [f"run.run_root={run}", *gt_overrides(world),
                                           "evaluate.matching=majority"]), root)
     assert hung["pq_stuff"] < 0.99 and hung["pq_things"] == pytest.approx(1.0)
     assert maj["pq"] == pytest.approx(1.0) and maj["miou"] == pytest.approx(1.0)
     assert maj["mapped_categories"] == hung["mapped_categories"] + 1
 
-    # target=model: the highest predict/round-R with a panoptic.json wins
-    write_prediction(root, world, prefix="predict/round-1", noise=True)
-    write_prediction(root, world, prefix="predict/round-2")
-    root.write_bytes("predict/round-3/panoptic/unfinished.png", b"x")
-    model = run_evaluate(load_config(None, [f"run.run_root={run}", *gt_overrides(world),
-                                            "evaluate.target=model"]), root)
-    assert model["predictions"] == "predict/round-2" and model["pq"] == pytest.approx(1.0)
+    # the model's predictions (predict/) score into eval/model/
+    write_prediction(root, world, prefix="predict")
+    model = run_evaluate_model(cfg, root)
+    assert model["predictions"] == "predict" and model["pq"] == pytest.approx(1.0)
+    check_outputs(root, model, "eval/model")
 
 
 def test_evaluate_on_s3(s3, caplog):
@@ -188,7 +186,7 @@ def test_evaluate_on_s3(s3, caplog):
     root = RunRoot(run, cfg.run.storage.storage_options())  # as the stage runner opens it
     write_prediction(root, world, so, noise=True)
     with caplog.at_level(logging.WARNING, logger="u2seg.pipeline.evaluate"):
-        stats = run_evaluate(cfg, root)  # gt_panoptic_dir defaults to gt/panoptic next to the JSON
+        stats = run_evaluate_labels(cfg, root)  # gt_panoptic_dir defaults to gt/panoptic next to the JSON
     assert stats["images"] == N_IMAGES and 0.2 < stats["pq"] < 0.99
     check_outputs(root, stats)
     assert not [r for r in caplog.records if r.name == "u2seg.pipeline.evaluate"]  # source images read
@@ -204,12 +202,49 @@ def test_cli_evaluate_and_missing_gt(tmp_path, world, capsys):
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tree))
     assert main(["evaluate", "--config", str(path)]) == 0
-    stats = json.loads(RunRoot(run).read_text("evaluate", "stats.json"))
+    stats = json.loads(RunRoot(run).read_text("eval/labels", "stats.json"))
     assert stats["pq"] == pytest.approx(1.0) and stats["stage"] == "evaluate"
-    assert RunRoot(run).exists("eval", "report.html") and RunRoot(run).exists("evaluate", "_SUCCESS")
+    assert RunRoot(run).exists("eval/labels", "report.html") and RunRoot(run).exists("eval/labels", "_SUCCESS")
 
     with pytest.raises(ConfigError, match=r"evaluate\.gt_panoptic_json"):
-        run_evaluate(load_config(None, [f"run.run_root={run}"]), RunRoot(run))
+        run_evaluate_labels(load_config(None, [f"run.run_root={run}"]), RunRoot(run))
     capsys.readouterr()
     assert main(["evaluate", f"run.run_root={tmp_path / 'other'}"]) == 2
     assert "evaluate.gt_panoptic_json" in capsys.readouterr().err
+
+
+def _snapshot(root: RunRoot, folder: str) -> dict[str, bytes]:
+    return {name: root.read_bytes(folder, name) for name in root.list(folder)}
+
+
+def test_model_and_label_evaluations_never_touch_each_other(tmp_path, world):
+    """Evaluating the model leaves the labels' eval files byte-identical, and the reverse; a failed
+    evaluation leaves the previous results (and their marker) as they were."""
+    run = str(tmp_path / "run")
+    root = RunRoot(run)
+    write_prediction(root, world, noise=True)
+    write_prediction(root, world, prefix="predict")
+    base = [f"run.run_root={run}", *gt_overrides(world)]
+    assert main(["evaluate", *base]) == 0
+    labels_eval = _snapshot(root, "eval/labels")
+    assert {"metrics.json", "mapping.json", "report.html", "_SUCCESS", "stats.json"} <= set(labels_eval)
+    assert main(["evaluate", *base, "evaluate.target=model"]) == 0
+    assert _snapshot(root, "eval/labels") == labels_eval
+    model_eval = _snapshot(root, "eval/model")
+    assert root.read_json("eval/model", "metrics.json")["panoptic"]["All"]["pq"] == pytest.approx(1.0)
+    assert main(["evaluate", *base, "evaluate.report_images=2"]) == 0  # the labels again, another config
+    assert _snapshot(root, "eval/model") == model_eval
+    assert _snapshot(root, "eval/labels") != labels_eval
+    labels_eval = _snapshot(root, "eval/labels")
+
+    unrelated = tmp_path / "unrelated.json"  # a labeled set sharing no image with the run
+    with open(f"{world}/gt/panoptic.json") as fh:
+        gt = json.load(fh)
+    for im in gt["images"]:
+        im["file_name"] = "other_" + im["file_name"]
+    unrelated.write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match="matches a ground-truth image"):
+        main(["evaluate", *base, f"evaluate.gt_panoptic_json={unrelated}",
+              f"evaluate.gt_panoptic_dir={world}/gt/panoptic"])
+    assert _snapshot(root, "eval/labels") == {**labels_eval, "_STARTED": root.read_bytes("eval/labels", "_STARTED")}
+    assert _snapshot(root, "eval/model") == model_eval

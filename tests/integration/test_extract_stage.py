@@ -8,8 +8,9 @@ import pytest
 
 from u2seg.io import RunRoot
 from u2seg.io.images import image_id_for
-from u2seg.pipeline.extract import LEDGER, ledger_ids, remove_orphans
-from u2seg.pipeline.runner import run_stage
+from u2seg.io.layout import LEDGER
+from u2seg.pipeline.extract_commit import ledger_ids, remove_orphans
+from u2seg.pipeline.run_stage import run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,7 @@ def test_every_input_lands_in_masks_or_errors_exactly_once(ray_cluster, s3, s3_i
     stats = run_stage("extract", cfg)
     root = RunRoot(root_uri, cfg.run.storage.storage_options())
     manifest = root.read_parquet("manifest", columns=["image_id", "uri"]).to_pylist()
-    ledger = root.read_parquet(f"extract/{LEDGER}", columns=["image_id", "status"]).to_pylist()
+    ledger = root.read_parquet(LEDGER, columns=["image_id", "status"]).to_pylist()
     errors = root.read_parquet("extract/errors").to_pylist()
     masks = root.read_parquet("extract/masks", columns=["image_id", "mask_id"]).to_pylist()
     ids = [r["image_id"] for r in ledger]
@@ -75,12 +76,12 @@ def test_rerun_after_crash_processes_only_missing_images(ray_cluster, s3, s3_inp
     run_stage("manifest", cfg)
     first = run_stage("extract", cfg)
     root = RunRoot(root_uri, cfg.run.storage.storage_options())
-    parts = root.list(f"extract/{LEDGER}", ".parquet")
+    parts = root.list(LEDGER, ".parquet")
     assert len(parts) >= 2
     # simulate a writer killed after its masks part but before its ledger part
     lost = parts[0]
     assert root.exists(f"extract/masks/{lost}")
-    root.remove(f"extract/{LEDGER}/{lost}")
+    root.remove(f"{LEDGER}/{lost}")
     before = set(ledger_ids(root).to_pylist())
     root.remove("extract/_SUCCESS")
     second = run_stage("extract", cfg)

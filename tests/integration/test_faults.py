@@ -1,4 +1,4 @@
-"""Fault and load tests of the extract stage (DESIGN 4: exactly-once, bad input never kills a job).
+"""Fault and load tests of the extract stage (docs/stages.md: exactly-once, bad input never kills a job).
 
 Each test injects one fault while extract runs — a killed MaskCut actor, a removed Ray node, an S3 server
 restart, a corpus of broken files, a SIGKILLed driver — lets the stage finish (with at most one rerun,
@@ -30,7 +30,7 @@ import pytest
 from helpers import Background  # tests/ is on sys.path (conftest)
 
 from u2seg.io import RunRoot
-from u2seg.pipeline.runner import run_stage
+from u2seg.pipeline.run_stage import run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -55,7 +55,7 @@ def wait_for(cond: Callable[[], Any], timeout: float, what: str, every: float = 
 
 
 def ledger_count(root: RunRoot) -> int:
-    from u2seg.pipeline.extract import ledger_ids
+    from u2seg.pipeline.extract_commit import ledger_ids
 
     return len(ledger_ids(root))
 
@@ -206,8 +206,8 @@ NODE_KILL_SCRIPT = textwrap.dedent('''
 
     from u2seg.config import load_config
     from u2seg.io import RunRoot
-    from u2seg.pipeline.extract import ledger_ids
-    from u2seg.pipeline.runner import run_stage
+    from u2seg.pipeline.extract_commit import ledger_ids
+    from u2seg.pipeline.run_stage import run_stage
 
     cfg = load_config(sys.argv[1])
     root = RunRoot(cfg.run.run_root)

@@ -9,7 +9,8 @@ import cv2
 import numpy as np
 import pytest
 
-from u2seg.pipeline.extract import InputUnreachableError, _decode_batch
+from u2seg.io.inputs import InputUnreachableError
+from u2seg.pipeline.extract_actor import decode_batch
 
 pytestmark = pytest.mark.integration
 
@@ -29,12 +30,12 @@ def test_an_outage_is_waited_out_and_a_missing_image_is_an_error_row(s3):
     fs.pipe_file(f"{prefix}/a.png", png.tobytes())
     uris = [f"s3://{prefix}/a.png", f"s3://{prefix}/missing.png"]
     opts = s3.storage_options()
-    warm = _decode_batch(_batch(uris), opts, 0)
+    warm = decode_batch(_batch(uris), opts, 0)
     assert warm["ok"].tolist() == [True, False] and "FileNotFoundError" in warm["error_class"][1]
     with s3.outage():
-        patient = Background(_decode_batch, _batch(uris[:1]), opts, 120)
+        patient = Background(decode_batch, _batch(uris[:1]), opts, 120)
         with pytest.raises(InputUnreachableError, match="could not read"):
-            _decode_batch(_batch(uris[:1]), opts, 0)    # no budget: the task fails, no error row
+            decode_batch(_batch(uris[:1]), opts, 0)    # no budget: the task fails, no error row
         time.sleep(3)
         assert patient.alive(), f"the read gave up during the outage: {patient.error!r}"
     out = patient.value(150)

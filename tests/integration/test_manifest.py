@@ -14,7 +14,7 @@ from u2seg.io import RunRoot
 from u2seg.io.images import image_id_for
 from u2seg.io.schemas import MANIFEST_SCHEMA
 from u2seg.pipeline.manifest import run_manifest
-from u2seg.pipeline.runner import run_stage
+from u2seg.pipeline.run_stage import run_stage
 
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import pytest
 
 from u2seg.io import RunRoot
 from u2seg.labels import decode_mask, decode_panoptic_png, validate_panoptic
-from u2seg.pipeline.runner import run_stage
+from u2seg.pipeline.run_stage import run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def s3_run(ray_cluster, s3, synthetic_world):
 
 def test_cluster_outputs(s3_run):
     cfg, root, stats, _ = s3_run
-    from u2seg.pipeline.cluster import load_npy
+    from u2seg.io.layout import load_npy
 
     things, stuff = load_npy(root, "cluster/things.npy"), load_npy(root, "cluster/stuff.npy")
     assert things.shape == (cfg.cluster.things_k, 384) and things.dtype == np.float32
@@ -99,5 +99,5 @@ def test_evaluate_reports_pseudo_label_quality(s3_run):
     assert ev["pq"] > 0.0 and ev["miou"] > 0.0   # random-init features still find the stuff regions
     print(f"\nPSEUDO_LABEL_QUALITY_S3 pq={ev['pq']:.3f} sq={ev['sq']:.3f} rq={ev['rq']:.3f} "
           f"miou={ev['miou']:.3f} ap_segm={ev['ap_segm']:.3f}")
-    assert "<table" in root.read_text("eval/report.html")
-    assert root.exists("eval/metrics.json") and root.exists("eval/mapping.json")
+    assert "<table" in root.read_text("eval/labels/report.html")
+    assert root.exists("eval/labels/metrics.json") and root.exists("eval/labels/mapping.json")

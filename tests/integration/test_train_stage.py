@@ -5,7 +5,7 @@ workers and a checkpoint every 2 steps. As soon as the first checkpoint is regis
 worker process is SIGKILLed (a crash, not a polite ``ray.kill``); the round must still end at step 6, and
 the steps it records must start after a checkpoint (resumed), not at 1 (restarted). A second
 ``run_train_round`` of the same round must resume at step 6 and train nothing. Then predict writes
-``predict/round-0`` in the label format, which must load in pycocotools and pass the panoptic rules.
+``predict/`` in the label format, which must load in pycocotools and pass the panoptic rules.
 The run is a module fixture and the three checks are separate tests, each with its own timeout: on this
 shared 2-core machine the labelled run root plus the killed training alone take 10-14 minutes.
 """
@@ -24,7 +24,7 @@ import pytest
 from helpers import Background  # tests/ is on sys.path (conftest)
 
 from u2seg.io import RunRoot
-from u2seg.pipeline.runner import run_stage
+from u2seg.pipeline.run_stage import run_stage
 
 pytestmark = pytest.mark.integration
 
@@ -98,7 +98,7 @@ def killed_run(ray_cluster, s3, synthetic_world) -> KilledRun:
     stages_s = time.time() - t0
 
     t1 = time.time()
-    job = Background(run_train_round, cfg, root, 0, "labels")
+    job = Background(run_train_round, cfg, root, 0)
     prefix = root.path("train", "round-0")
     ckpt_step = None
     while ckpt_step is None:
@@ -148,7 +148,7 @@ def test_rerun_resumes_the_finished_round_and_model_loads(killed_run):
     cfg, root = killed_run.cfg, killed_run.root
     before = metric_steps(root)
     t0 = time.time()
-    again = run_train_round(cfg, root, 0, "labels")
+    again = run_train_round(cfg, root, 0)
     assert again["steps"] == STEPS
     assert metric_steps(root) == before, "the rerun trained again instead of resuming"
     model, extra = model_from_bytes(root.read_bytes("train/round-0/model.pt"))
@@ -167,21 +167,21 @@ def test_predict_writes_valid_coco_and_panoptic(killed_run, tmp_path):
 
     cfg, root = killed_run.cfg, killed_run.root
     t0 = time.time()
-    pred = run_predict(cfg, root, 0)
+    pred = run_predict(cfg, root)
     n_images = len(root.read_parquet("manifest", columns=["image_id"]))
     assert pred["images"] == n_images
-    (tmp_path / "instances.json").write_bytes(root.read_bytes("predict/round-0/instances.json"))
+    (tmp_path / "instances.json").write_bytes(root.read_bytes("predict/instances.json"))
     coco = COCO(str(tmp_path / "instances.json"))
     assert len(coco.imgs) == n_images
     for ann in coco.anns.values():
         assert 1 <= ann["category_id"] <= cfg.cluster.things_k
         assert coco.annToMask(ann).sum() == ann["area"] > 0
-    pan = root.read_json("predict/round-0/panoptic.json")
+    pan = root.read_json("predict/panoptic.json")
     assert len(pan["annotations"]) == n_images
     assert len(pan["categories"]) == cfg.cluster.things_k + cfg.cluster.stuff_k
     images = {i["id"]: i for i in pan["images"]}
     for ann in pan["annotations"][:4]:
-        ids = decode_panoptic_png(root.read_bytes("predict/round-0/panoptic", ann["file_name"]))
+        ids = decode_panoptic_png(root.read_bytes("predict/panoptic", ann["file_name"]))
         assert ids.shape == (images[ann["image_id"]]["height"], images[ann["image_id"]]["width"])
         assert ids.dtype.kind in "iu" and np.all(ids >= 0)
         assert validate_panoptic(ids, ann["segments_info"], categories=pan["categories"]) == []

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from u2seg.config import STAGES, ConfigError, U2SegConfig, config_from_dict, explain, load_config
+from u2seg.config import ConfigError, U2SegConfig, config_from_dict, explain, load_config
+from u2seg.pipeline.stages import STAGES, stage
 
 pytestmark = pytest.mark.unit
 
@@ -48,8 +49,8 @@ def test_bad_value_names_key_value_and_rule(key, raw, allowed):
 
 def test_every_stage_section_is_covered_by_a_bad_value_test():
     covered = {k.split(".")[0] for k, _, _ in BAD_VALUES}
-    assert set(STAGES) - {"manifest"} <= covered | {"manifest"}
-    assert {"run", *STAGES} <= covered
+    sections = {section for st in STAGES for section in st.sections}
+    assert {"run", *sections} <= covered
 
 
 def test_unknown_key_is_rejected_with_the_known_keys():
@@ -94,10 +95,20 @@ def test_yaml_file_and_bad_yaml(tmp_path):
 def test_stage_hash_changes_downstream_only():
     base = U2SegConfig()
     changed = load_config(None, ["cluster.things_k=5"])
-    assert base.stage_hash("extract") == changed.stage_hash("extract")
-    assert base.stage_hash("cluster") != changed.stage_hash("cluster")
-    assert base.stage_hash("label") != changed.stage_hash("label")
+    for name in ("manifest", "extract"):
+        assert stage(name).config_hash(base) == stage(name).config_hash(changed)
+    for name in ("cluster", "label", "train", "predict", "evaluate", "evaluate_model"):
+        assert stage(name).config_hash(base) != stage(name).config_hash(changed), name
     assert base.hash() != changed.hash()
+
+
+def test_a_train_knob_leaves_the_labels_evaluation_alone_and_the_target_selects_only():
+    base = U2SegConfig()
+    trained = load_config(None, ["train.lr=0.5"])
+    assert stage("evaluate").config_hash(base) == stage("evaluate").config_hash(trained)
+    assert stage("evaluate_model").config_hash(base) != stage("evaluate_model").config_hash(trained)
+    model = load_config(None, ["evaluate.target=model"])
+    assert all(st.config_hash(base) == st.config_hash(model) for st in STAGES)
 
 
 def test_secrets_are_redacted_and_excluded_from_hash():

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from u2seg.io import RunRoot
-from u2seg.pipeline.extract import StaleWriterError, _group_name, _write_group, run_token
+from u2seg.io.layout import group_name
+from u2seg.pipeline.extract_commit import StaleWriterError, run_token, write_group
 
 pytestmark = pytest.mark.unit
 
@@ -24,8 +25,8 @@ def _error_batch(ids: list[str]) -> dict[str, np.ndarray]:
 def test_commit_writes_every_table_under_one_name_and_the_ledger(tmp_path):
     root = RunRoot(str(tmp_path))
     root.write_json("extract/_STARTED", {"config_hash": "h", "run_token": "A"})
-    out = _write_group(_error_batch(["a", "b"]), root, run_token(root))
-    name = _group_name(["a", "b"])
+    out = write_group(_error_batch(["a", "b"]), root, run_token(root))
+    name = group_name(["a", "b"])
     assert out["part"].tolist() == [name]
     for table in ("masks", "patches", "errors", "images"):
         assert root.list(f"extract/{table}") == [name]
@@ -36,8 +37,8 @@ def test_a_writer_of_an_older_run_commits_nothing(tmp_path):
     root = RunRoot(str(tmp_path))
     root.write_json("extract/_STARTED", {"config_hash": "h", "run_token": "B"})   # a newer driver started
     with pytest.raises(StaleWriterError, match="newer run"):
-        _write_group(_error_batch(["c"]), root, "A")
+        write_group(_error_batch(["c"]), root, "A")
     for table in ("masks", "patches", "errors", "images"):
         assert root.list(f"extract/{table}") == []
-    _write_group(_error_batch(["c"]), root, None)  # called outside the runner: no fence
-    assert root.list("extract/images") == [_group_name(["c"])]
+    write_group(_error_batch(["c"]), root, None)  # called outside the runner: no fence
+    assert root.list("extract/images") == [group_name(["c"])]

@@ -1,6 +1,6 @@
 """A regression floor on pseudo-mask recall of ground-truth things in the synthetic world.
 
-With a random-init ViT the synthetic world measures plumbing, not segmentation quality (DESIGN.md):
+With a random-init ViT the synthetic world measures plumbing, not segmentation quality (docs/method.md):
 the floor guards against regressions in resizing, rules, upsampling and RLE, which would drop recall
 towards zero. Measured: 6 of 26 instances (0.231) at 128 px, 8 images, 3 masks, seed 0.
 """

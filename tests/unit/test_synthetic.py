@@ -82,8 +82,8 @@ def test_image_records(world: tuple[Path, dict]) -> None:
     assert ids == list(range(1, N + 1)) and all(type(i) is int for i in ids)
     shapes = set()
     for img in panoptic["images"]:
-        assert img["u2seg_uri"] == f"{root}/images/{img['file_name']}"
-        assert img["u2seg_image_id"] == image_id_for(img["u2seg_uri"])
+        assert img["uri"] == f"{root}/images/{img['file_name']}"
+        assert img["u2seg_image_id"] == image_id_for(img["uri"])
         pixels = decode_image((root / "images" / img["file_name"]).read_bytes())
         assert pixels.shape == (img["height"], img["width"], 3)
         assert SIZES["min_size"] <= min(pixels.shape[:2]) <= max(pixels.shape[:2]) <= SIZES["max_size"]
@@ -205,7 +205,7 @@ def test_fsspec_uri_output() -> None:
     fs = fsspec.filesystem("memory")
     panoptic = json.loads(fs.cat_file("/u2seg-synthetic-test/gt/panoptic.json"))
     first = panoptic["images"][0]
-    assert first["u2seg_uri"] == f"memory:///u2seg-synthetic-test/images/{first['file_name']}"
+    assert first["uri"] == f"memory:///u2seg-synthetic-test/images/{first['file_name']}"
     assert fs.exists(f"/u2seg-synthetic-test/images/{first['file_name']}")
     fs.rm("/u2seg-synthetic-test", recursive=True)
 

@@ -2,7 +2,7 @@
 
 Answers two questions for the cluster stage: what does distribution cost (or gain) in wall time on the
 same CPUs, and does it reach the same objective; and does each shard actor hold only its shard (peak
-RSS per actor vs the driver), which is the point of sharding (DESIGN 4, streaming).
+RSS per actor vs the driver), which is the point of sharding (docs/stages.md, non-negotiables: streaming).
 
     python -m u2seg.bench.cluster --n 1000000 --d 256 --k 800 --niter 10 --workdir /tmp/bench_cluster
 """

@@ -33,7 +33,7 @@ TINY_STAGES = [
 def labelled_run_root(tmp: str, n_images: int, seed: int = 0) -> tuple[U2SegConfig, RunRoot]:
     """A local run root whose manifest/extract/cluster/label stages are done on ``n_images`` images."""
     from u2seg.data.synthetic import make_synthetic
-    from u2seg.pipeline.runner import open_root, run_stage
+    from u2seg.pipeline.run_stage import open_root, run_stage
 
     world = Path(tmp, "world")
     make_synthetic(str(world), n_images, seed=seed, min_size=160, max_size=256)
@@ -88,7 +88,7 @@ def bench_train(steps: int, image_size: int, backbone: str, *, n_images: int = 8
     """1 worker vs 2 workers on the CPU; the ratio is the data-parallel speed-up of the same work per step."""
     import ray
 
-    from u2seg.pipeline.runner import quiet_ray_data
+    from u2seg.pipeline.ray_session import quiet_ray_data
 
     started = not ray.is_initialized()
     if started:

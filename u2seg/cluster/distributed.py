@@ -1,6 +1,6 @@
 """Distributed spherical/L2 k-means on Ray: shard actors hold the vectors, the driver holds centroids.
 
-Why this shape: the descriptors of a large dataset do not fit one process (DESIGN 4, streaming), but a
+Why this shape: the descriptors of a large dataset do not fit one process (docs/stages.md: streaming), but a
 Lloyd step only needs per-cluster sums and counts, which add up across shards. Each `_KMeansShard`
 actor reads only its own Parquet files into one float32 array and answers `partial_stats` for the
 centroids the driver broadcasts; the driver reduces (in shard order, so results are deterministic) and
@@ -23,6 +23,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -117,30 +118,23 @@ class _KMeansShard:
         self._init_keys: np.ndarray | None = None  # content keys of x for the init sample, once loaded
 
     # -- loading
-    def count_rows(self, fs: fsspec.AbstractFileSystem | None, files: list[str] | None, dataset: Any) -> int:
-        if dataset is not None:
-            return int(dataset.count())
+    def count_rows(self, fs: fsspec.AbstractFileSystem, files: list[str]) -> int:
         total = 0
-        for f in files or []:
+        for f in files:
             with fs.open(f, "rb") as fh:
                 total += pq.ParquetFile(fh).metadata.num_rows
         return total
 
-    def _tables(self, fs, files, dataset):
-        """Yield Arrow tables holding only the descriptor column, a row group / block at a time."""
-        if dataset is not None:
-            for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-                yield batch.select([self.column])
-            return
-        for f in files or []:
+    def _tables(self, fs: fsspec.AbstractFileSystem, files: list[str]):
+        """Yield Arrow tables holding only the descriptor column, a row group at a time."""
+        for f in files:
             with fs.open(f, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 for rg in range(pf.num_row_groups):
                     yield pf.read_row_group(rg, columns=[self.column])
 
-    def load(
-        self, fs, files: list[str] | None, dataset: Any, n_rows: int, fraction: float, seed: int
-    ) -> tuple[int, int]:
+    def load(self, fs: fsspec.AbstractFileSystem, files: list[str], n_rows: int, fraction: float,
+             seed: int) -> tuple[int, int]:
         """Read this shard into one float32 array, keeping about `fraction` of its `n_rows` rows.
 
         The rows kept are those whose content key (:func:`content_keys`) falls below a threshold: the
@@ -154,7 +148,7 @@ class _KMeansShard:
         kept: list[np.ndarray] = []
         offset = 0  # rows of the shard seen so far
         d: int | None = None
-        for table in self._tables(fs, files, dataset):
+        for table in self._tables(fs, files):
             col = table.column(self.column)
             for mat in iter_list_column(col):
                 m = len(mat)
@@ -282,16 +276,19 @@ def _signature(**parts: Any) -> str:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-def _is_dataset(obj: Any) -> bool:
-    try:
-        from ray.data import Dataset
-    except ImportError:  # pragma: no cover - ray[data] is a dependency
-        return False
-    return isinstance(obj, Dataset)
+@dataclass
+class _Lloyd:
+    """The state a Lloyd loop carries between iterations (and through a checkpoint)."""
+
+    centroids: np.ndarray
+    iteration: int = 0
+    history: list[float] = field(default_factory=list)
+    n_splits: int = 0
+    converged: bool = False
 
 
 def distributed_kmeans(
-    source: Any,
+    source: str | os.PathLike | Sequence[str],
     k: int,
     *,
     column: str = "descriptor",
@@ -309,136 +306,53 @@ def distributed_kmeans(
     init_method: str = "random",
     shard_num_cpus: float = 1,
 ) -> KMeansResult:
-    """k-means over Parquet parts (dir/URI, list of files) or a ray.data.Dataset, with Ray shard actors.
+    """k-means over Parquet parts (a folder URI, or a list of files), with Ray shard actors.
 
     Stops after `niter` Lloyd iterations or when the relative inertia change drops below `tol` (0
-    disables). When n > k * max_points_per_centroid each shard keeps a uniform subsample so that
-    k * max_points_per_centroid points are clustered in total (faiss's rule; None disables it).
+    disables). When n > k * max_points_per_centroid each shard keeps a content-keyed subsample so that
+    about k * max_points_per_centroid points are clustered in total (faiss's rule; None disables it).
     `init_centroids` ([k, d]) fixes the start (e.g. to compare with `kmeans`); otherwise k distinct
     points are drawn (`init_method` "random" or "kmeans++") from a sample of `init_sample_size` points
-    (default min(n, 10k)) gathered proportionally from the shards. `checkpoint_uri` (a file URI, local
+    (default min(n, 10k)) picked by content key across the shards. `checkpoint_uri` (a file URI, local
     or s3://; `storage_options` apply) is written after every iteration and resumed from when its
     signature (k, d, seed, data, ...) matches. `filesystem` (fsspec or pyarrow) overrides how the
-    Parquet source is opened. Ray must be initialised by the caller. A Dataset is split with
-    `ds.split(num_shards)`, which materialises blocks in the object store (not in the driver).
+    Parquet source is opened. Ray must be initialised by the caller.
     """
     t0 = time.perf_counter()
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if not ray.is_initialized():
         raise RuntimeError("distributed_kmeans needs Ray: call ray.init(...) first")
-    dataset_mode = _is_dataset(source)
-    if dataset_mode:
-        shard_inputs = [(None, None, part) for part in source.split(num_shards)]
-        source_desc: Any = "ray.data.Dataset"
-    else:
-        fs, files = resolve_parquet_files(source, storage_options=storage_options, filesystem=filesystem)
-        if num_shards > len(files):
-            log.warning("only %d Parquet files: using as many shards instead of %d", len(files), num_shards)
-            num_shards = len(files)
-        shard_inputs = [(fs, files[i::num_shards], None) for i in range(num_shards)]
-        source_desc = [fs.unstrip_protocol(f) for f in files]
-
+    fs, files = resolve_parquet_files(source, storage_options=storage_options, filesystem=filesystem)
+    if num_shards > len(files):
+        log.warning("only %d Parquet files: using as many shards instead of %d", len(files), num_shards)
+        num_shards = len(files)
+    shard_files = [files[i::num_shards] for i in range(num_shards)]
     threads = max(1, int(shard_num_cpus))
-    actors = [
-        KMeansShard.options(num_cpus=shard_num_cpus, scheduling_strategy="SPREAD").remote(
-            i, column, spherical, threads
-        )
-        for i in range(len(shard_inputs))
-    ]
+    actors = [KMeansShard.options(num_cpus=shard_num_cpus, scheduling_strategy="SPREAD").remote(
+        i, column, spherical, threads) for i in range(num_shards)]
     try:
-        rows = ray.get([a.count_rows.remote(*inp) for a, inp in zip(actors, shard_inputs, strict=True)])
-        n = int(sum(rows))
-        if k > n:
-            raise ValueError(f"k-means with k={k} clusters needs at least k points, got n={n}")
-        n_train = n
-        if max_points_per_centroid and n > k * max_points_per_centroid:
-            n_train = k * max_points_per_centroid
-            log.info("clustering a subsample of about %d / %d points (max_points_per_centroid)", n_train, n)
-        fraction = n_train / n
-        loads = zip(actors, shard_inputs, rows, strict=True)
-        shapes = ray.get([a.load.remote(*inp, r, fraction, seed) for a, inp, r in loads])
-        keep = [int(s[0]) for s in shapes]
-        if fraction < 1.0:
-            log.info("content-keyed subsample kept %d points (expected %d)", sum(keep), n_train)
-            if sum(keep) < k:
-                raise ValueError(f"the subsample kept {sum(keep)} points, fewer than k={k}: raise "
-                                 "max_points_per_centroid")
-        dims = {int(s[1]) for s in shapes if s[0] > 0}
-        if len(dims) != 1:
-            raise ValueError(f"shards disagree on the descriptor dimension: {sorted(dims)}")
-        d = dims.pop()
+        rows, kept, d, n_train = _load_shards(actors, fs, shard_files, k, seed, max_points_per_centroid)
         t_load = time.perf_counter()
-
-        init_hash = None
+        init_given = None
         if init_centroids is not None:
             init_given = as_matrix(init_centroids)
             if init_given.shape != (k, d):
                 raise ValueError(f"init_centroids must be [{k}, {d}], got {init_given.shape}")
-            init_hash = hashlib.sha1(init_given.tobytes()).hexdigest()
         sig = _signature(
-            k=k, d=d, seed=seed, spherical=spherical, tol=tol, column=column, source=source_desc,
-            rows=rows, n_train=n_train, max_points_per_centroid=max_points_per_centroid,
-            num_shards=len(actors), init=init_hash, init_sample_size=init_sample_size,
-            init_method=init_method,
+            k=k, d=d, seed=seed, spherical=spherical, tol=tol, column=column,
+            source=[fs.unstrip_protocol(f) for f in files], rows=rows, n_train=n_train,
+            max_points_per_centroid=max_points_per_centroid, num_shards=len(actors),
+            init=None if init_given is None else hashlib.sha1(init_given.tobytes()).hexdigest(),
+            init_sample_size=init_sample_size, init_method=init_method,
         )  # fmt: skip
-
-        state = _read_checkpoint(checkpoint_uri, storage_options) if checkpoint_uri else None
-        if state is not None and str(state["signature"]) != sig:
-            warnings.warn(
-                f"ignoring k-means checkpoint {checkpoint_uri}: signature mismatch (another run's)",
-                stacklevel=2,
-            )
-            state = None
-        if state is not None:
-            centroids = state["centroids"].astype(np.float32)
-            start = int(state["iteration"])
-            history = [float(v) for v in state["inertia"]]
-            n_splits = int(state["n_splits"])
-            converged = bool(state["converged"])
-            log.info("resuming k-means from %s at iteration %d", checkpoint_uri, start)
-        else:
-            start, history, n_splits, converged = 0, [], 0, False
-            if init_centroids is not None:
-                centroids = init_given.copy()
-            else:
-                m = max(k, min(sum(keep), init_sample_size or 10 * k))
-                sample = init_sample(actors, m, seed)
-                centroids = sample_init_centroids(sample, k, seed, init_method)
-                del sample
-            if spherical:
-                centroids = normalize_rows(centroids)
+        state = _resume_or_init(actors, sig, checkpoint_uri, storage_options, init_given, k, seed, spherical,
+                                max(k, min(kept, init_sample_size or 10 * k)), init_method)
         t_init = time.perf_counter()
-
-        for it in range(start, niter):
-            if converged:
-                break
-            ref = ray.put(centroids)
-            parts = ray.get([a.stats.remote(ref) for a in actors])
-            sums = parts[0][0].copy()
-            counts = parts[0][1].copy()
-            inertia = parts[0][2]
-            for s, c, i in parts[1:]:
-                sums += s
-                counts += c
-                inertia += i
-            history.append(float(inertia))
-            rng = np.random.default_rng([seed, it])  # per-iteration: a resumed run draws the same splits
-            centroids, ns = update_centroids(sums, counts, centroids, spherical, rng)
-            n_splits += ns
-            if tol > 0 and len(history) >= 2:
-                prev = history[-2]
-                converged = abs(prev - history[-1]) <= tol * max(abs(prev), np.finfo(np.float64).tiny)
-            log.info("k-means iteration %d: inertia=%.6g splits=%d", it, inertia, ns)
-            if checkpoint_uri:
-                _save_checkpoint(
-                    checkpoint_uri, storage_options, signature=sig, centroids=centroids,
-                    iteration=it + 1, inertia=np.asarray(history, dtype=np.float64),
-                    n_splits=n_splits, converged=converged,
-                )  # fmt: skip
+        _lloyd(actors, state, niter=niter, seed=seed, spherical=spherical, tol=tol, sig=sig,
+               checkpoint_uri=checkpoint_uri, storage_options=storage_options)
         t_iter = time.perf_counter()
-
-        ref = ray.put(centroids)
+        ref = ray.put(state.centroids)
         parts = ray.get([a.stats.remote(ref) for a in actors])
         sizes = np.sum([p[1] for p in parts], axis=0).astype(np.int64)
         final = float(sum(p[2] for p in parts))
@@ -447,20 +361,88 @@ def distributed_kmeans(
     finally:
         for a in actors:
             ray.kill(a)
-
     return KMeansResult(
-        centroids=centroids,
-        inertia=history,
-        sizes=sizes,
-        n_splits=n_splits,
-        final_inertia=final,
-        n_points=int(sum(keep)),
-        timings={
-            "load": t_load - t0,
-            "init": t_init - t_load,
-            "iterations": t_iter - t_init,
-            "final_assign": t_end - t_iter,
-            "total": t_end - t0,
-        },
+        centroids=state.centroids, inertia=state.history, sizes=sizes, n_splits=state.n_splits,
+        final_inertia=final, n_points=kept,
+        timings={"load": t_load - t0, "init": t_init - t_load, "iterations": t_iter - t_init,
+                 "final_assign": t_end - t_iter, "total": t_end - t0},
         shard_info=shard_info,
     )
+
+
+def _load_shards(actors: Sequence[Any], fs: fsspec.AbstractFileSystem, shard_files: list[list[str]], k: int,
+                 seed: int, max_points_per_centroid: int | None) -> tuple[list[int], int, int, int]:
+    """Count and load every shard (subsampled when large); returns (rows per shard, points kept, d, n_train)."""
+    rows = [int(r) for r in ray.get([a.count_rows.remote(fs, f) for a, f in zip(actors, shard_files, strict=True)])]
+    n = sum(rows)
+    if k > n:
+        raise ValueError(f"k-means with k={k} clusters needs at least k points, got n={n}")
+    n_train = n
+    if max_points_per_centroid and n > k * max_points_per_centroid:
+        n_train = k * max_points_per_centroid
+        log.info("clustering a subsample of about %d / %d points (max_points_per_centroid)", n_train, n)
+    fraction = n_train / n
+    shapes = ray.get([a.load.remote(fs, f, r, fraction, seed)
+                      for a, f, r in zip(actors, shard_files, rows, strict=True)])
+    kept = sum(int(s[0]) for s in shapes)
+    if fraction < 1.0:
+        log.info("content-keyed subsample kept %d points (expected %d)", kept, n_train)
+        if kept < k:
+            raise ValueError(f"the subsample kept {kept} points, fewer than k={k}: raise max_points_per_centroid")
+    dims = {int(s[1]) for s in shapes if s[0] > 0}
+    if len(dims) != 1:
+        raise ValueError(f"shards disagree on the descriptor dimension: {sorted(dims)}")
+    return rows, kept, dims.pop(), n_train
+
+
+def _resume_or_init(actors: Sequence[Any], sig: str, checkpoint_uri: str | None, storage_options: dict | None,
+                    init_given: np.ndarray | None, k: int, seed: int, spherical: bool, sample_size: int,
+                    init_method: str) -> _Lloyd:
+    """The checkpointed state of this exact run, else fresh centroids (given, or drawn from the shards)."""
+    state = _read_checkpoint(checkpoint_uri, storage_options) if checkpoint_uri else None
+    if state is not None and str(state["signature"]) != sig:
+        warnings.warn(f"ignoring k-means checkpoint {checkpoint_uri}: signature mismatch (another run's)",
+                      stacklevel=3)
+        state = None
+    if state is not None:
+        log.info("resuming k-means from %s at iteration %d", checkpoint_uri, int(state["iteration"]))
+        return _Lloyd(centroids=state["centroids"].astype(np.float32), iteration=int(state["iteration"]),
+                      history=[float(v) for v in state["inertia"]], n_splits=int(state["n_splits"]),
+                      converged=bool(state["converged"]))
+    if init_given is not None:
+        centroids = init_given.copy()
+    else:
+        centroids = sample_init_centroids(init_sample(actors, sample_size, seed), k, seed, init_method)
+    return _Lloyd(centroids=normalize_rows(centroids) if spherical else centroids)
+
+
+def _lloyd(actors: Sequence[Any], state: _Lloyd, *, niter: int, seed: int, spherical: bool, tol: float, sig: str,
+           checkpoint_uri: str | None, storage_options: dict | None) -> None:
+    """Lloyd iterations from ``state.iteration`` to ``niter`` (or convergence), checkpointing each one."""
+    for it in range(state.iteration, niter):
+        if state.converged:
+            break
+        ref = ray.put(state.centroids)
+        parts = ray.get([a.stats.remote(ref) for a in actors])
+        sums = parts[0][0].copy()
+        counts = parts[0][1].copy()
+        inertia = parts[0][2]
+        for s, c, i in parts[1:]:  # reduced in shard order: deterministic
+            sums += s
+            counts += c
+            inertia += i
+        state.history.append(float(inertia))
+        rng = np.random.default_rng([seed, it])  # per-iteration: a resumed run draws the same splits
+        state.centroids, ns = update_centroids(sums, counts, state.centroids, spherical, rng)
+        state.n_splits += ns
+        state.iteration = it + 1
+        if tol > 0 and len(state.history) >= 2:
+            prev = state.history[-2]
+            state.converged = abs(prev - state.history[-1]) <= tol * max(abs(prev), np.finfo(np.float64).tiny)
+        log.info("k-means iteration %d: inertia=%.6g splits=%d", it, inertia, ns)
+        if checkpoint_uri:
+            _save_checkpoint(
+                checkpoint_uri, storage_options, signature=sig, centroids=state.centroids,
+                iteration=state.iteration, inertia=np.asarray(state.history, dtype=np.float64),
+                n_splits=state.n_splits, converged=state.converged,
+            )  # fmt: skip

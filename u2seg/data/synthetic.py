@@ -14,7 +14,7 @@ Layout under ``out_uri`` (local path or any fsspec URI such as s3://bucket/prefi
     gt/instances.json            COCO instances of the thing classes, RLE masks
 
 Each image record has the integer COCO ``id``, ``file_name``, ``width``, ``height``, plus
-``u2seg_uri`` (the image's URI) and ``u2seg_image_id`` = image_id_for(u2seg_uri), the key the
+``uri`` (the image's URI) and ``u2seg_image_id`` = image_id_for(uri), the key the
 pipeline uses. The JSON files are written last: their presence means the dataset is complete.
 """
 
@@ -135,7 +135,7 @@ def make_synthetic(out_uri: str, n: int, *, seed: int = 0, min_size: int = 160, 
         fs.pipe_file(f"{root}/gt/panoptic/{name}.png", panoptic_png(scene.segment_map))
         fs.pipe_file(f"{root}/gt/semantic/{name}.png", _encode(".png", scene.semantic_map()))
         images.append({"id": coco_id, "file_name": file_name, "width": width, "height": height,
-                       "u2seg_uri": uri, "u2seg_image_id": image_id_for(uri)})
+                       "uri": uri, "u2seg_image_id": image_id_for(uri)})
         panoptic_anns.append({
             "image_id": coco_id,
             "file_name": f"{name}.png",

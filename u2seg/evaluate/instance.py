@@ -120,13 +120,13 @@ def _evaluate(coco_gt: COCO, preds: list[dict], iou_type: str) -> dict[str, floa
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         coco_dt = coco_gt.loadRes(dets)
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
+        coco_eval = COCOeval(coco_gt, coco_dt, iou_type)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
     logger.debug("COCOeval %s:\n%s", iou_type, buf.getvalue())
     # COCOeval writes -1 where nothing could be measured (e.g. no gt in an area range): report None
-    return {k: (float(ev.stats[i]) if ev.stats[i] >= 0 else None) for k, i in _STATS.items()}
+    return {k: (float(coco_eval.stats[i]) if coco_eval.stats[i] >= 0 else None) for k, i in _STATS.items()}
 
 
 def instance_metrics(gt_instances_json: str | Mapping, pred_annotations: Sequence[Mapping], *,

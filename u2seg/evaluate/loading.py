@@ -8,34 +8,18 @@ PNGs are read one at a time on demand so that no caller has to hold a whole set 
 
 from __future__ import annotations
 
-import json
 import logging
 import posixpath
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import numpy as np
 
-from u2seg.io import RunRoot
+from u2seg.io.inputs import read_input
 from u2seg.labels.coco import decode_panoptic_png
 
 log = logging.getLogger(__name__)
-
-_ROUND = re.compile(r"^round-(\d+)$")
-
-
-def read_json_uri(uri: str, storage_options: Mapping[str, Any] | None = None) -> Any:
-    """JSON from a local path or any fsspec URI."""
-    with fsspec.open(uri, "rb", **dict(storage_options or {})) as fh:
-        return json.load(fh)
-
-
-def read_bytes_uri(uri: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    with fsspec.open(uri, "rb", **dict(storage_options or {})) as fh:
-        return fh.read()
 
 
 def join_uri(folder: str, name: str) -> str:
@@ -56,42 +40,15 @@ class PanopticDir:
 
     uri: str
     storage_options: dict[str, Any] = field(default_factory=dict)
+    retry_s: float = 0.0  # transient storage errors are retried this long (u2seg.io.inputs)
 
     def read_ids(self, file_name: str) -> np.ndarray:
         """Segment-id map (int32 [H, W]) of one PNG."""
         uri = join_uri(self.uri, file_name)
         try:
-            return decode_panoptic_png(read_bytes_uri(uri, self.storage_options))
+            return decode_panoptic_png(read_input(uri, self.storage_options, self.retry_s))
         except ValueError as exc:
             raise ValueError(f"{uri}: {exc}") from exc
-
-
-def prediction_prefix(root: RunRoot, target: str) -> str:
-    """Run-root folder holding the set to evaluate: ``labels`` or the highest ``predict/round-R``.
-
-    Only a folder whose ``panoptic.json`` exists counts (the JSON is written last by its stage).
-    """
-    if target == "labels":
-        if not root.exists("labels", "panoptic.json"):
-            raise FileNotFoundError(f"{root.join('labels', 'panoptic.json')} is missing: run `u2seg label` "
-                                    "first (or set evaluate.target=model to evaluate model predictions)")
-        return "labels"
-    if target != "model":
-        raise ValueError(f"unknown evaluation target {target!r}")
-    rounds: list[int] = []
-    try:
-        root.fs.invalidate_cache(root.path("predict"))
-        entries = root.fs.ls(root.path("predict"), detail=True)
-    except FileNotFoundError:
-        entries = []
-    for e in entries:
-        m = _ROUND.match(posixpath.basename(str(e["name"]).rstrip("/")))
-        if m and e.get("type") == "directory" and root.exists("predict", m.group(0), "panoptic.json"):
-            rounds.append(int(m.group(1)))
-    if not rounds:
-        raise FileNotFoundError(f"no {root.join('predict')}/round-R/panoptic.json: run `u2seg predict` first "
-                                "(or set evaluate.target=labels to evaluate the pseudo-labels)")
-    return f"predict/round-{max(rounds)}"
 
 
 @dataclass

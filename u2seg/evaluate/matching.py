@@ -24,6 +24,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -222,3 +223,42 @@ def majority_mapping(confusion: Confusion | np.ndarray) -> dict[int, int]:
 def mapping_from_json(obj: Mapping) -> dict[int, int]:
     """Restore int keys after `json.loads` (JSON object keys are always strings)."""
     return {int(k): int(v) for k, v in obj.items()}
+
+
+def compute_mapping(conf: Confusion, method: str, pred_cats: Sequence[Mapping],
+                    gt_cats: Sequence[Mapping]) -> dict[int, int]:
+    """pseudo -> gt category mapping, things to things and stuff to stuff (see module doc).
+
+    Without ``isthing`` flags on both sides the whole confusion is matched at once.
+    """
+    if method not in ("hungarian", "majority"):
+        raise ValueError(f"matching must be 'hungarian' or 'majority', got {method!r}")
+    solve = hungarian_mapping if method == "hungarian" else majority_mapping
+    if not pred_cats or not all("isthing" in c for c in [*pred_cats, *gt_cats]):
+        logger.warning("evaluate: categories lack 'isthing'; matching things and stuff together")
+        return solve(conf)
+    mapping: dict[int, int] = {}
+    for flag in (1, 0):
+        p = [int(c["id"]) for c in pred_cats if int(c["isthing"]) == flag]
+        g = [int(c["id"]) for c in gt_cats if int(c["isthing"]) == flag]
+        mapping.update(solve(conf.subset(p, g)))
+    return mapping
+
+
+def mapping_record(conf: Confusion, mapping: Mapping[int, int], method: str,
+                   gt_cats: Sequence[Mapping]) -> dict[str, Any]:
+    """mapping.json: the mapping, gt names, and the confusion it came from (to re-derive offline)."""
+    names = {int(c["id"]): str(c.get("name", c["id"])) for c in gt_cats}
+    return {"matching": method, "partition": "things->things, stuff->stuff",
+            "mapping": {str(p): int(g) for p, g in sorted(mapping.items())},
+            "mapped_names": {str(p): names.get(int(g), str(g)) for p, g in sorted(mapping.items())},
+            "confusion": conf.to_dict()}
+
+
+def matched_pixel_fraction(conf: Confusion, mapping: Mapping[int, int]) -> float:
+    """Share of valid ground-truth pixels whose predicted category maps onto their gt category."""
+    rows = {int(p): i for i, p in enumerate(conf.pred_ids)}
+    cols = {int(g): j for j, g in enumerate(conf.gt_ids)}
+    matched = sum(int(conf.counts[rows[p], cols[g]]) for p, g in mapping.items() if p in rows and g in cols)
+    total = int(conf.counts.sum() + conf.unassigned.sum())
+    return matched / total if total else 0.0

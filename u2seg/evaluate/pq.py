@@ -302,7 +302,7 @@ def panoptic_quality(gt_json: str | Mapping, pred_json: str | Mapping, gt_dir: s
     pr = read_json(pred_json, storage_options) if isinstance(pred_json, str) else pred_json
     cats = _as_categories(categories if categories is not None else gt["categories"])
     mp = None if mapping is None else {int(k): int(v) for k, v in mapping.items()}
-    so = dict(storage_options or {})
+    storage = dict(storage_options or {})
     preds = {a["image_id"]: a for a in pr["annotations"]}
     tasks = [(a, preds.get(a["image_id"])) for a in gt["annotations"]]
     missing = sum(p is None for _, p in tasks)
@@ -313,11 +313,11 @@ def panoptic_quality(gt_json: str | Mapping, pred_json: str | Mapping, gt_dir: s
     stats = PQStats()
     if workers <= 1 or len(chunks) <= 1:
         for ch in chunks:
-            stats.merge(_chunk_stats(ch, gt_dir, pred_dir, cats, mp, so))
+            stats.merge(_chunk_stats(ch, gt_dir, pred_dir, cats, mp, storage))
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
-            futures = [pool.submit(_chunk_stats, ch, gt_dir, pred_dir, cats, mp, so) for ch in chunks]
+            futures = [pool.submit(_chunk_stats, ch, gt_dir, pred_dir, cats, mp, storage) for ch in chunks]
             for fut in futures:  # merge in submission order: deterministic float sums
                 stats.merge(fut.result())
     result = summarize(stats, cats)

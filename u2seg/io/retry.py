@@ -1,4 +1,5 @@
-"""Retrying writes through a storage outage: a restarted S3 endpoint must not fail a whole stage."""
+"""Riding out storage outages: a restarted S3 endpoint must not fail a whole stage or turn a good image into
+an error row. Transient vs permanent is ours to decide; the backoff loop is tenacity's."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import logging
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+import tenacity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,18 +50,21 @@ def retry_transient(fn: Callable[[], T], budget_s: float, what: str, *, first_de
                     max_delay_s: float = 15.0) -> T:
     """Call ``fn`` until it succeeds, a permanent error occurs, or ``budget_s`` seconds have passed.
 
-    Only idempotent operations belong here (our writes publish whole objects under fixed names).
+    Exponential backoff (``first_delay_s`` doubling up to ``max_delay_s``, never sleeping past the
+    budget) by tenacity; our classifier decides what is worth waiting for. Only idempotent operations
+    belong here (our writes publish whole objects under fixed names).
     """
-    deadline = time.monotonic() + budget_s
-    delay, attempt = first_delay_s, 1
-    while True:
-        try:
-            return fn()
-        except Exception as exc:
-            left = deadline - time.monotonic()
-            if not is_transient(exc) or left <= 0:
-                raise
-            log.warning("storage: %s failed (attempt %d: %s: %s); retrying in %.1fs", what, attempt,
-                        type(exc).__name__, str(exc)[:200], min(delay, left))
-            time.sleep(min(delay, left))
-            delay, attempt = min(delay * 2, max_delay_s), attempt + 1
+    backoff = tenacity.wait_exponential(multiplier=first_delay_s, max=max_delay_s)
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        return max(0.0, min(backoff(state), budget_s - (state.seconds_since_start or 0.0)))
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning("storage: %s failed (attempt %d: %s: %s); retrying in %.1fs", what, state.attempt_number,
+                    type(exc).__name__, str(exc)[:200], state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(is_transient), stop=tenacity.stop_after_delay(budget_s), wait=wait,
+        before_sleep=warn, sleep=lambda s: time.sleep(s), reraise=True)
+    return retrying(fn)

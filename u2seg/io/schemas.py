@@ -1,4 +1,4 @@
-"""Every Parquet schema of the run root, declared once (DESIGN.md section 3)."""
+"""Every Parquet schema of the run root, declared once (docs/run-root.md describes the layout)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Panoptic merge of thing pseudo-masks and the stuff map, and the COCO panoptic format rules.
 
-Rules (DESIGN.md section 1 item 5, COCO panoptic): every pixel belongs to exactly one segment or
+Rules (docs/method.md, panoptic merge; COCO panoptic): every pixel belongs to exactly one segment or
 to void (id 0); things are painted over stuff, higher score first, and never share a pixel; each
 stuff category is at most one segment per image; stuff connected fragments below a minimum area
 become void. Category ids: thing cluster c -> c + 1 (1..k_things), stuff cluster s ->
@@ -241,3 +241,12 @@ def validate_panoptic(
     for sid in sorted(set(stats) - listed):
         problems.append(f"segment id {sid}: in the PNG but not in segments_info")
     return problems
+
+
+def semantic_from_panoptic(seg_ids: np.ndarray, segments_info: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Category id per pixel (0 = void) of a panoptic segment map and its segments."""
+    lut = np.zeros(int(seg_ids.max()) + 1 if seg_ids.size else 1, np.int32)
+    for s in segments_info:
+        if int(s["id"]) < len(lut):
+            lut[int(s["id"])] = int(s["category_id"])
+    return lut[seg_ids]

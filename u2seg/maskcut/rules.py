@@ -10,7 +10,7 @@ The eigenvector's sign is arbitrary (LAPACK's choice in the reference) and the c
 corners on one side. Our deterministic convention (`canonical_sign`, applied before the rules):
   flip x so that its entry of largest magnitude is positive.
 Then the pre-flip partition is always the seed's side, and the rule reads: "foreground = the seed's
-side, unless that side covers >= 3 corners, then the other side" (DESIGN.md's wording). Near-ties in
+side, unless that side covers >= 3 corners, then the other side" (docs/method.md's wording). Near-ties in
 the argmax (patches zeroed by earlier cuts all share one eigenvector value, up to solver noise) are
 broken towards the lowest index within a relative tolerance, so solvers with different round-off agree.
 """

@@ -8,38 +8,18 @@ or rerun assignment overwrites instead of duplicating.
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from u2seg.config import U2SegConfig
-from u2seg.io import RunRoot
+from u2seg.io import RunRoot, layout
 from u2seg.io.schemas import ASSIGNMENTS_SCHEMA
 
 log = logging.getLogger(__name__)
-
-
-def save_npy(root: RunRoot, rel: str, arr: np.ndarray) -> None:
-    buf = io.BytesIO()
-    np.save(buf, arr)
-    root.write_bytes(rel, buf.getvalue())
-
-
-def load_npy(root: RunRoot, rel: str) -> np.ndarray:
-    return np.load(io.BytesIO(root.read_bytes(rel)))
-
-
-def _count_rows(root: RunRoot, paths: list[str]) -> int:
-    n = 0
-    for p in paths:
-        with root.fs.open(p, "rb") as fh:
-            n += pq.ParquetFile(fh).metadata.num_rows
-    return n
 
 
 def size_histogram(sizes: np.ndarray) -> dict[str, int]:
@@ -55,25 +35,25 @@ def size_histogram(sizes: np.ndarray) -> dict[str, int]:
     return hist
 
 
-def _cluster_one(cfg: U2SegConfig, root: RunRoot, table: str, column: str, k_wanted: int,
-                 name: str) -> dict[str, Any]:
+def _cluster_one(cfg: U2SegConfig, root: RunRoot, table: str, column: str, k_wanted: int, name: str,
+                 centroids_rel: str) -> dict[str, Any]:
     from u2seg.cluster.distributed import distributed_kmeans
 
-    paths = root.parquet_paths(f"extract/{table}")
-    n = _count_rows(root, paths)
+    paths = root.parquet_paths(table)
+    n = layout.count_rows(root, table)
     if n == 0:
-        raise ValueError(f"cluster: extract/{table} in {root.uri} has no rows to cluster; "
+        raise ValueError(f"cluster: {table} in {root.uri} has no rows to cluster; "
                          "did extract find no masks (see extract/errors)?")
     k = min(k_wanted, n)
     if k < k_wanted:
         log.warning("cluster: only %d %s vectors, clustering into k=%d instead of %d", n, name, k, k_wanted)
-    cl = cfg.cluster
+    cluster_cfg = cfg.cluster
     result = distributed_kmeans(
-        paths, k, column=column, num_shards=min(cl.num_shards, max(1, len(paths))), niter=cl.niter,
-        seed=cfg.run.seed, spherical=cl.spherical, tol=cl.tol, filesystem=root.fs,
-        checkpoint_uri=root.join(f"cluster/_checkpoints/{name}.npz"),
-        storage_options=root.storage_options, max_points_per_centroid=cl.max_points_per_centroid)
-    save_npy(root, f"cluster/{name}.npy", result.centroids.astype(np.float32))
+        paths, k, column=column, num_shards=min(cluster_cfg.num_shards, max(1, len(paths))),
+        niter=cluster_cfg.niter, seed=cfg.run.seed, spherical=cluster_cfg.spherical, tol=cluster_cfg.tol,
+        filesystem=root.fs, checkpoint_uri=root.join(layout.kmeans_checkpoint(name)),
+        storage_options=root.storage_options, max_points_per_centroid=cluster_cfg.max_points_per_centroid)
+    layout.save_npy(root, centroids_rel, result.centroids.astype(np.float32))
     stats = result.stats()
     stats["k_requested"] = k_wanted
     stats["size_histogram"] = size_histogram(result.sizes)
@@ -89,7 +69,7 @@ class AssignActor:
 
         self.root = root
         self.spherical = spherical
-        self.index = build_index(load_npy(root, "cluster/things.npy"), spherical)
+        self.index = build_index(layout.load_npy(root, layout.THINGS_CENTROIDS), spherical)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from u2seg.cluster.arrow import list_column_to_numpy
@@ -97,8 +77,7 @@ class AssignActor:
 
         counts = []
         for name in batch["name"]:
-            with self.root.fs.open(self.root.path("extract/masks", str(name)), "rb") as fh:
-                t = pq.read_table(fh, columns=["image_id", "mask_id", "descriptor"])
+            t = self.root.read_part(layout.part(layout.MASKS, str(name)), ["image_id", "mask_id", "descriptor"])
             x = list_column_to_numpy(t.column("descriptor")) if t.num_rows else np.zeros((0, 1), np.float32)
             if self.spherical and len(x):
                 x = normalize_rows(x)
@@ -106,7 +85,7 @@ class AssignActor:
             out = pa.table({"image_id": t.column("image_id"), "mask_id": t.column("mask_id"),
                             "cluster_id": pa.array(labels.astype(np.int32)),
                             "distance": pa.array(scores.astype(np.float32))}, schema=ASSIGNMENTS_SCHEMA)
-            self.root.write_parquet(f"cluster/assignments/{name}", out)
+            self.root.write_parquet(layout.part(layout.ASSIGNMENTS, str(name)), out)
             counts.append(t.num_rows)
         return {"name": batch["name"], "masks": np.array(counts)}
 
@@ -115,20 +94,21 @@ def run_cluster(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     import ray
 
     t0 = time.time()
-    things = _cluster_one(cfg, root, "masks", "descriptor", cfg.cluster.things_k, "things")
+    things = _cluster_one(cfg, root, layout.MASKS, "descriptor", cfg.cluster.things_k, "things",
+                          layout.THINGS_CENTROIDS)
     t1 = time.time()
-    stuff = _cluster_one(cfg, root, "patches", "feature", cfg.cluster.stuff_k, "stuff")
+    stuff = _cluster_one(cfg, root, layout.PATCHES, "feature", cfg.cluster.stuff_k, "stuff", layout.STUFF_CENTROIDS)
     t2 = time.time()
-    names = root.list("extract/masks", ".parquet")
-    for stale in set(root.list("cluster/assignments", ".parquet")) - set(names):
-        root.remove(f"cluster/assignments/{stale}")
+    names = root.list(layout.MASKS, ".parquet")
+    for stale in set(root.list(layout.ASSIGNMENTS, ".parquet")) - set(names):
+        root.remove(layout.part(layout.ASSIGNMENTS, stale))
     ds = ray.data.from_items([{"name": n} for n in names]).map_batches(
         AssignActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.cluster.num_shards,
                                                                                      len(names)))),
         num_cpus=1, fn_constructor_kwargs={"root": root, "spherical": cfg.cluster.spherical})
     assigned = sum(int(r["masks"]) for r in ds.iter_rows())
     t3 = time.time()
-    root.write_json("cluster/sizes.json", {"things": things["sizes"], "stuff": stuff["sizes"]})
+    root.write_json(layout.CLUSTER_SIZES, {"things": things["sizes"], "stuff": stuff["sizes"]})
     log.info("cluster: things k=%d (%d masks), stuff k=%d; %d masks assigned",
              things["stats"]["k"], things["stats"]["n_points"], stuff["stats"]["k"], assigned)
     return {"things": things["stats"], "stuff": stuff["stats"], "masks_assigned": assigned,

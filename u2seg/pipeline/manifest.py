@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from u2seg.config import ConfigError, U2SegConfig
-from u2seg.io import RunRoot
+from u2seg.io import RunRoot, layout
 from u2seg.io.images import image_id_for
 from u2seg.io.listing import is_list_file, iter_source, split_protocol, split_source
 from u2seg.io.schemas import MANIFEST_SCHEMA
@@ -54,7 +54,7 @@ def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str])
         if not rows["uri"]:
             return
         name = f"part-{tag}-{n_parts:05d}.parquet"
-        root.write_parquet(f"manifest/{name}", pa.table(rows, schema=MANIFEST_SCHEMA))
+        root.write_parquet(layout.part(layout.MANIFEST, name), pa.table(rows, schema=MANIFEST_SCHEMA))
         seen_parts.append(name)
         n_parts += 1
         for v in rows.values():
@@ -108,7 +108,7 @@ def drop_duplicate_images(root: RunRoot, parts: list[str]) -> int:
     later copies. Only list files can repeat an image (folders and prefixes cannot nest), so this pass runs
     only when a list file is among the inputs. Returns how many rows were dropped."""
     parts = sorted(parts)
-    columns = [root.read_part(f"manifest/{name}", ["image_id"]).column("image_id") for name in parts]
+    columns = [root.read_part(layout.part(layout.MANIFEST, name), ["image_id"]).column("image_id") for name in parts]
     keep = first_occurrences(pa.chunked_array([c for col in columns for c in col.chunks], pa.string()))
     dropped, start = 0, 0
     for name, col in zip(parts, columns, strict=True):
@@ -116,15 +116,15 @@ def drop_duplicate_images(root: RunRoot, parts: list[str]) -> int:
         start += len(col)
         if mask.all():
             continue
-        table = root.read_part(f"manifest/{name}")
+        table = root.read_part(layout.part(layout.MANIFEST, name))
         dupes = table.filter(pa.array(~mask)).column("uri").to_pylist()
         dropped += len(dupes)
         log.warning("manifest: %s lists %d image(s) already listed before, dropped (e.g. %s)",
                     name, len(dupes), dupes[:3])
         if mask.any():
-            root.write_parquet(f"manifest/{name}", table.filter(pa.array(mask)))
+            root.write_parquet(layout.part(layout.MANIFEST, name), table.filter(pa.array(mask)))
         else:
-            root.remove(f"manifest/{name}")
+            root.remove(layout.part(layout.MANIFEST, name))
     return dropped
 
 
@@ -140,12 +140,12 @@ def run_manifest(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     written: list[str] = []
     with ThreadPoolExecutor(max_workers=cfg.manifest.list_concurrency) as pool:
         results = list(pool.map(lambda s: _list_one(s, cfg, root, written), specs))
-    for stale in set(root.list("manifest", ".parquet")) - set(written):
-        root.remove(f"manifest/{stale}")
+    for stale in set(root.list(layout.MANIFEST, ".parquet")) - set(written):
+        root.remove(layout.part(layout.MANIFEST, stale))
     dropped = 0
     if any(is_list_file(u) for u in cfg.manifest.inputs):
         dropped = drop_duplicate_images(root, written)
-        written = root.list("manifest", ".parquet")
+        written = root.list(layout.MANIFEST, ".parquet")
     n = sum(r["rows"] for r in results) - dropped
     if n == 0:
         raise ValueError(f"manifest: no images found under {cfg.manifest.inputs} "

@@ -2,6 +2,8 @@
 
 ``train/round-R/`` holds Ray Train's checkpoints (``RunConfig(storage_path=<root>/train,
 name=round-R)``, local or S3) plus ``metrics.jsonl`` and ``model.pt`` (the final model, for predict).
+Round 0 trains on the pseudo-labels; each self-training round R first predicts the training images
+with round R-1's model and merges confident predictions into the labels (``selftrain.py``).
 A lost worker restarts the worker group from the latest checkpoint (``FailureConfig``); rerunning the
 same command resumes the same run name from its latest checkpoint instead of starting over.
 """
@@ -16,21 +18,22 @@ import time
 from typing import Any
 
 from u2seg.config import U2SegConfig, config_from_dict
-from u2seg.io import RunRoot
+from u2seg.io import RunRoot, layout
+from u2seg.io.labelset import LabelSet
 from u2seg.pipeline.train_data import label_set_rows, load_samples
 
 log = logging.getLogger(__name__)
 
-CKPT_FILE = "model.pt"
+CKPT_FILE = layout.MODEL_FILE  # also the file name inside each Ray Train checkpoint
 
 
 def model_config(cfg: U2SegConfig, k_things: int, k_stuff: int) -> Any:
     from u2seg.model import ModelConfig
 
-    tc = cfg.train
-    return ModelConfig(backbone=tc.backbone, weights=tc.weights, num_thing_classes=k_things,
-                       num_stuff_classes=k_stuff, image_size=224, min_size=min(800, tc.image_size),
-                       max_size=tc.image_size, drop_loss_iou=tc.drop_loss_iou, seed=cfg.run.seed)
+    train_cfg = cfg.train
+    return ModelConfig(backbone=train_cfg.backbone, weights=train_cfg.weights, num_thing_classes=k_things,
+                       num_stuff_classes=k_stuff, image_size=224, min_size=min(800, train_cfg.image_size),
+                       max_size=train_cfg.image_size, drop_loss_iou=train_cfg.drop_loss_iou, seed=cfg.run.seed)
 
 
 def augment_config(cfg: U2SegConfig) -> Any:
@@ -83,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from u2seg.model.train import train_step
 
     cfg = config_from_dict(config["cfg"])
-    tc = cfg.train
+    train_cfg = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cuda = torch.cuda.is_available() and config["use_gpu"]
@@ -93,8 +96,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         torch.set_num_threads(max(1, int(config.get("cpu_threads", 1))))
     mcfg = model_config(cfg, config["k_things"], config["k_stuff"])
     model = build_model(mcfg).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr,
-                                  weight_decay=tc.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
+                                  weight_decay=train_cfg.weight_decay)
     step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
@@ -119,20 +122,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     history: list[dict[str, Any]] = []
     start_step, t0, cpu0 = step, time.time(), time.process_time()
     recorded_upto = start_step  # metrics.jsonl rows up to this step belong to the curve
-    while step < tc.steps:
-        for batch in shard.iter_batches(batch_size=tc.batch_size, batch_format="numpy"):
+    while step < train_cfg.steps:
+        for batch in shard.iter_batches(batch_size=train_cfg.batch_size, batch_format="numpy"):
             samples = [targets_from_labels(img, seg, json.loads(str(segs)), config["k_things"])
                        for img, seg, segs in zip(batch["image"], batch["seg"], batch["segments"], strict=True)]
             samples = [s for s in samples if len(s["boxes"])] or samples
             losses = train_step(net, optimizer, augment_batch(samples, aug, gen), scaler, max_grad_norm=1.0)
             step += 1
             elapsed = time.time() - t0  # this attempt's own steps only: a resumed run starts at start_step
-            rate = (step - start_step) * tc.batch_size * world / max(elapsed, 1e-9)
+            rate = (step - start_step) * train_cfg.batch_size * world / max(elapsed, 1e-9)
             metrics = {"step": step, "rank": rank, "start_step": start_step, "elapsed_s": round(elapsed, 4),
                        "cpu_s": round(time.process_time() - cpu0, 4), "images_per_s": round(rate, 4), **losses}
             history.append(metrics)
-            last = step >= tc.steps
-            if step % tc.checkpoint_every == 0 or last:
+            last = step >= train_cfg.steps
+            if step % train_cfg.checkpoint_every == 0 or last:
                 if rank == 0:  # the curve so far survives a kill; rows past a checkpoint are never kept twice
                     append_metrics(config["root"], config["metrics_rel"], history, keep_upto=recorded_upto)
                     history, recorded_upto = [], step
@@ -150,38 +153,36 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         root.write_bytes(config["model_rel"], model_to_bytes(model, extra={"step": step}))
 
 
-def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int, label_dir: str) -> dict[str, Any]:
-    """Train ``train/round-R`` on the label set ``label_dir``; resumes a killed or rerun round."""
+def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str, Any]:
+    """Train ``train/round-R`` on its label set; resumes a killed or rerun round from its checkpoint."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from u2seg.pipeline.cluster import load_npy
-
-    tc = cfg.train
-    k_things = len(load_npy(root, "cluster/things.npy"))
-    k_stuff = len(load_npy(root, "cluster/stuff.npy"))
-    rows = label_set_rows(root, label_dir)
-    storage = cfg.run.storage.storage_options()
+    train_cfg = cfg.train
+    k_things, k_stuff = layout.class_counts(root)
+    label_dir = layout.round_labels(round_idx)
+    rows = label_set_rows(LabelSet(root, label_dir, k_things, k_stuff))
     ds = ray.data.from_items(rows).map_batches(
-        load_samples, batch_size=max(1, tc.batch_size), num_cpus=1,
-        fn_kwargs={"root": root, "max_side": tc.image_size, "storage_options": storage})
+        load_samples, batch_size=max(1, train_cfg.batch_size), num_cpus=1,
+        fn_kwargs={"root": root, "max_side": train_cfg.image_size,
+                   "storage_options": cfg.run.storage.storage_options(), "retry_s": cfg.run.storage.retry_s})
     gpus = ray.cluster_resources().get("GPU", 0)
-    use_gpu = tc.use_gpu == "yes" or (tc.use_gpu == "auto" and gpus >= tc.num_workers)
-    name = f"round-{round_idx}"
-    prev = final_model_rel(round_idx - 1)
+    use_gpu = train_cfg.use_gpu == "yes" or (train_cfg.use_gpu == "auto" and gpus >= train_cfg.num_workers)
+    name = layout.round_name(round_idx)
+    prev = layout.round_model(round_idx - 1)
     init = prev if round_idx > 0 and root.exists(prev) else None
     run_config = ray.train.RunConfig(
-        name=name, storage_path=root.path("train"),
+        name=name, storage_path=root.path(layout.TRAIN),
         storage_filesystem=None if root.is_local else root.pyarrow_fs(),
-        failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+        failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "k_things": k_things, "k_stuff": k_stuff, "root": root,
-                           "use_gpu": use_gpu, "metrics_rel": f"train/{name}/metrics.jsonl",
-                           "model_rel": f"train/{name}/{CKPT_FILE}", "cpu_threads": 1, "init_model_rel": init},
-        scaling_config=ray.train.ScalingConfig(num_workers=tc.num_workers, use_gpu=use_gpu,
+                           "use_gpu": use_gpu, "metrics_rel": layout.round_metrics(round_idx),
+                           "model_rel": layout.round_model(round_idx), "cpu_threads": 1, "init_model_rel": init},
+        scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu else {"CPU": 1}),
         datasets={"train": ds},
         run_config=run_config,
@@ -192,33 +193,33 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int, label_dir: 
     final = dict(result.metrics or {})
     log.info("train %s: %s", name, {k: final.get(k) for k in ("step", "loss_total")})
     return {"round": round_idx, "steps": int(final.get("step", 0)), "loss_total": final.get("loss_total"),
-            "train_images": len(rows), "workers": tc.num_workers, "use_gpu": use_gpu,
+            "train_images": len(rows), "workers": train_cfg.num_workers, "use_gpu": use_gpu,
             "train_seconds": round(wall, 1), "label_dir": label_dir,
             "samples_per_s": final.get("images_per_s")}
 
 
 def run_train(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
-    """Round 0 on the pseudo-labels, then ``train.rounds`` self-training rounds (predict, relabel, train)."""
-    from u2seg.pipeline.selftrain import self_training_rounds
+    """Round 0 on the pseudo-labels, then ``train.rounds`` self-training rounds (predict, relabel, train).
 
-    first = run_train_round(cfg, root, 0, "labels")
-    rounds = self_training_rounds(cfg, root, start_round=1, rounds=cfg.train.rounds)
-    return {**first, "rounds": [first, *rounds], "steps": sum(r["steps"] for r in [first, *rounds])}
+    A finished self-training round is kept (rerunning with more rounds trains only the new ones); rounds
+    past ``train.rounds`` are removed.
+    """
+    from u2seg.pipeline.predict import predict_images
+    from u2seg.pipeline.selftrain import build_round_labels
 
-
-def final_model_rel(round_idx: int) -> str:
-    return f"train/round-{round_idx}/{CKPT_FILE}"
-
-
-def latest_round(root: RunRoot) -> int:
-    """Highest finished training round (its model.pt exists), or -1."""
-    rounds = [int(n.split("-")[1]) for n in _dirs(root, "train") if n.startswith("round-")]
-    done = [r for r in rounds if root.exists(final_model_rel(r))]
-    return max(done) if done else -1
-
-
-def _dirs(root: RunRoot, rel: str) -> list[str]:
-    try:
-        return sorted(os.path.basename(p.rstrip("/")) for p in root.fs.ls(root.path(rel), detail=False))
-    except FileNotFoundError:
-        return []
+    last = cfg.train.rounds
+    for r in sorted(set(layout.rounds_with(root, layout.TRAIN)) | set(layout.rounds_with(root, layout.SELFTRAIN))):
+        if r > last:
+            log.info("train: removing round %d (train.rounds=%d)", r, last)
+            root.remove(layout.train_round(r), recursive=True)
+            root.remove(layout.selftrain_round(r), recursive=True)
+    rounds = [run_train_round(cfg, root, 0)]
+    for r in range(1, last + 1):
+        if root.exists(layout.round_model(r)):
+            log.info("train: self-training round %d already trained, kept", r)
+            continue
+        predicted = predict_images(cfg, root, r - 1, layout.round_predictions(r - 1))
+        relabel = build_round_labels(cfg, root, r)
+        stats = run_train_round(cfg, root, r)
+        rounds.append({**stats, "predicted_images": predicted["images"], "added_things": relabel["added_things"]})
+    return {**rounds[0], "rounds": rounds, "steps": sum(r["steps"] for r in rounds)}

@@ -1,8 +1,4 @@
-"""Training samples from a label set (the label stage's format), streamed by Ray Data.
-
-A label set is a run-root prefix holding ``_parts/*.json`` fragments (images + panoptic annotations)
-and ``panoptic/*.png``: ``labels/`` for the first round, ``selftrain/round-R/`` after self-training.
-"""
+"""Training samples from a label set (``u2seg/io/labelset.py``), streamed by Ray Data."""
 
 from __future__ import annotations
 
@@ -12,36 +8,30 @@ from typing import Any
 import numpy as np
 
 from u2seg.io import RunRoot
+from u2seg.io.labelset import LabelSet
 
 
-def label_set_rows(root: RunRoot, label_dir: str) -> list[dict[str, Any]]:
-    """One small row per labelled image (the fragments are read part by part)."""
-    rows = []
-    for name in root.list(f"{label_dir}/_parts", ".json"):
-        part = json.loads(root.read_bytes(f"{label_dir}/_parts/{name}"))
-        anns = {a["image_id"]: a for a in part["panoptic"]}
-        for img in part["images"]:
-            ann = anns[img["id"]]
-            rows.append({"uri": img["uri"], "image_id": img["u2seg_image_id"],
-                         "png": f"{label_dir}/panoptic/{ann['file_name']}",
-                         "segments": json.dumps(ann["segments_info"])})
+def label_set_rows(labels: LabelSet) -> list[dict[str, Any]]:
+    """One small row per labelled image (the fragments are read one at a time)."""
+    rows = [{"uri": im.uri, "image_id": im.image_id, "png": im.png, "segments": json.dumps(im.segments)}
+            for im in labels.iter_images()]
     if not rows:
-        raise FileNotFoundError(f"no labelled images under {root.join(label_dir)}: run `u2seg label` first")
+        raise FileNotFoundError(f"no labelled images under {labels.root.join(labels.prefix)}: run `u2seg label` "
+                                "first")
     return rows
 
 
-def load_samples(batch: dict[str, np.ndarray], root: RunRoot, max_side: int,
-                 storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+def load_samples(batch: dict[str, np.ndarray], root: RunRoot, max_side: int, storage_options: dict[str, Any],
+                 retry_s: float) -> dict[str, np.ndarray]:
     """Decode image + panoptic PNG and resize both so the longest side is at most ``max_side``."""
     import cv2
 
-    from u2seg.io.images import decode_image
-    from u2seg.io.runroot import filesystem_for, split_protocol
+    from u2seg.io.inputs import read_image
     from u2seg.labels import decode_panoptic_png
 
     images, segs = [], []
     for uri, png in zip(batch["uri"], batch["png"], strict=True):
-        img = decode_image(filesystem_for(str(uri), storage_options).cat_file(split_protocol(str(uri))[1]))
+        img = read_image(str(uri), storage_options, retry_s)
         seg = decode_panoptic_png(root.read_bytes(str(png)))
         h, w = img.shape[:2]
         s = min(1.0, max_side / max(h, w))

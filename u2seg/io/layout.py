@@ -1,0 +1,181 @@
+"""The run-root layout: every path a stage writes or reads, and the small readers shared by all stages.
+
+One vocabulary so the layout can change in one place (``docs/run-root.md`` describes it for users);
+``schemas.py`` beside it declares the Parquet columns. Stages, viz and evaluation name run-root paths
+only through this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import posixpath
+import re
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from u2seg.io.runroot import RunRoot
+
+CONFIG = "config.yaml"
+
+# manifest
+MANIFEST = "manifest"
+
+# extract: the ledger part (one row per input image, ok or error) is committed last for its group, so
+# an image is done iff it is in the ledger; the other tables' parts share the ledger part's name.
+LEDGER = "extract/images"
+MASKS = "extract/masks"
+PATCHES = "extract/patches"
+ERRORS = "extract/errors"
+EXTRACT_TABLES = (MASKS, PATCHES, ERRORS)
+
+# cluster
+THINGS_CENTROIDS = "cluster/things.npy"
+STUFF_CENTROIDS = "cluster/stuff.npy"
+ASSIGNMENTS = "cluster/assignments"
+CLUSTER_SIZES = "cluster/sizes.json"
+
+# label sets (see u2seg/io/labelset.py for the format)
+LABELS = "labels"
+
+# train / self-training / predict / evaluate
+TRAIN = "train"
+SELFTRAIN = "selftrain"
+PREDICT = "predict"
+EVAL_LABELS = "eval/labels"
+EVAL_MODEL = "eval/model"
+MODEL_FILE = "model.pt"
+
+# markers, written by the stage runner in each stage's own folder
+SUCCESS = "_SUCCESS"
+STARTED = "_STARTED"
+STATS = "stats.json"
+
+_ROUND = re.compile(r"^round-(\d+)$")
+
+
+def part(folder: str, name: str) -> str:
+    """``folder/name``: one committed part (Parquet file, PNG, JSON fragment) of a run-root folder."""
+    return posixpath.join(folder, name)
+
+
+def marker(stage_dir: str, name: str = SUCCESS) -> str:
+    return posixpath.join(stage_dir, name)
+
+
+def kmeans_checkpoint(name: str) -> str:
+    """Per-iteration k-means state of ``things`` / ``stuff`` (a killed cluster stage resumes from it)."""
+    return f"cluster/_checkpoints/{name}.npz"
+
+
+def round_name(r: int) -> str:
+    return f"round-{r}"
+
+
+def train_round(r: int) -> str:
+    """Ray Train's storage folder of round ``r`` (checkpoints), plus our metrics and final model."""
+    return f"{TRAIN}/{round_name(r)}"
+
+
+def selftrain_round(r: int) -> str:
+    """What self-training makes before training round ``r >= 1``: its predictions and merged labels."""
+    return f"{SELFTRAIN}/{round_name(r)}"
+
+
+def round_model(r: int) -> str:
+    return f"{train_round(r)}/{MODEL_FILE}"
+
+
+def round_metrics(r: int) -> str:
+    return f"{train_round(r)}/metrics.jsonl"
+
+
+def round_labels(r: int) -> str:
+    """The label set round ``r`` trains on: the pseudo-labels for round 0, then self-training's merge."""
+    return LABELS if r == 0 else f"{selftrain_round(r)}/labels"
+
+
+def round_predictions(r: int) -> str:
+    """Predictions of round ``r``'s model on the training images, from which round ``r + 1``'s labels are made."""
+    return f"{selftrain_round(r + 1)}/predictions"
+
+
+def group_name(image_ids: Iterable[str]) -> str:
+    """Deterministic name of a group of images: a retried or rerun group overwrites, never duplicates."""
+    return "part-" + hashlib.sha1("\n".join(sorted(image_ids)).encode()).hexdigest()[:20] + ".parquet"
+
+
+def group_stem(name: str) -> str:
+    """``part-abc.parquet`` -> ``part-abc`` (label fragments and PNG folders are named after the group)."""
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+# ----------------------------------------------------------------------------- small shared readers
+
+
+def count_rows(root: RunRoot, folder: str) -> int:
+    """Rows of every committed Parquet part of ``folder``, from the footers only (no data read)."""
+    n = 0
+    for path in root.parquet_paths(folder):
+        with root.fs.open(path, "rb") as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+    return n
+
+
+def read_part(root: RunRoot, rel: str, columns: Sequence[str] | None = None,
+              image_ids: Iterable[str] | None = None) -> pa.Table | None:
+    """One Parquet part (projected; only the rows of ``image_ids`` when given), or None when absent."""
+    if not root.exists(rel):
+        return None
+    table = root.read_part(rel, list(columns) if columns else None)
+    if image_ids is not None:
+        table = table.filter(pc.is_in(table.column("image_id"), pa.array(sorted(set(image_ids)), pa.string())))
+    return table
+
+
+def subdirs(root: RunRoot, rel: str = "") -> list[str]:
+    """Names of the folders directly under ``rel`` (one listing; never a recursive walk of a big run)."""
+    try:
+        root.fs.invalidate_cache(root.path(rel))
+        entries = root.fs.ls(root.path(rel), detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
+
+
+def rounds_with(root: RunRoot, folder: str, marker_file: str | None = None) -> list[int]:
+    """Round numbers ``R`` with a folder ``folder/round-R`` (holding ``marker_file`` when given), ascending."""
+    out = []
+    for name in subdirs(root, folder):
+        m = _ROUND.match(name)
+        if m and (marker_file is None or root.exists(folder, name, marker_file)):
+            out.append(int(m.group(1)))
+    return sorted(out)
+
+
+def latest_round(root: RunRoot) -> int:
+    """Highest training round whose final model exists, or -1 when none has finished."""
+    done = rounds_with(root, TRAIN, MODEL_FILE)
+    return done[-1] if done else -1
+
+
+def save_npy(root: RunRoot, rel: str, arr: np.ndarray) -> None:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    root.write_bytes(rel, buf.getvalue())
+
+
+def load_npy(root: RunRoot, rel: str) -> np.ndarray:
+    return np.load(io.BytesIO(root.read_bytes(rel)))
+
+
+def class_counts(root: RunRoot) -> tuple[int, int]:
+    """(k_things, k_stuff) of a clustered run: the number of thing and stuff centroids."""
+    for rel in (THINGS_CENTROIDS, STUFF_CENTROIDS):
+        if not root.exists(rel):
+            raise FileNotFoundError(f"{root.join(rel)} is missing: run `u2seg cluster` first")
+    return len(load_npy(root, THINGS_CENTROIDS)), len(load_npy(root, STUFF_CENTROIDS))

@@ -1,0 +1,111 @@
+"""The extract stage's workers: fetch + decode on CPU tasks, backbone + MaskCut in an actor pool."""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+import numpy as np
+
+from u2seg.config import U2SegConfig, resolve_device
+from u2seg.io.inputs import InputUnreachableError, read_input
+
+log = logging.getLogger(__name__)
+
+
+def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
+                 retry_s: float = 0.0) -> dict[str, np.ndarray]:
+    """Fetch and decode on CPU tasks; a bad image becomes a row with ok=False and the reason.
+
+    An input unreachable through a storage outage fails the task (Ray retries it; a rerun resumes):
+    it is not the image's fault, so it never becomes an error row.
+    """
+    from u2seg.io.images import decode_image
+
+    n = len(batch["uri"])
+    out: dict[str, list] = {k: [] for k in ("image_id", "uri", "ok", "error_class", "message", "image")}
+    for i in range(n):
+        uri = str(batch["uri"][i])
+        out["image_id"].append(str(batch["image_id"][i]))
+        out["uri"].append(uri)
+        try:
+            out["image"].append(decode_image(read_input(uri, storage_options, retry_s)))
+            out["ok"].append(True)
+            out["error_class"].append("")
+            out["message"].append("")
+        except InputUnreachableError:
+            raise
+        except Exception as exc:  # any other failure of one image must not stop the job
+            reason = getattr(exc, "reason", None)
+            out["ok"].append(False)
+            out["error_class"].append(type(exc).__name__ + (f":{reason}" if reason else ""))
+            out["message"].append(str(exc)[:2000])
+            out["image"].append(np.zeros((1, 1, 3), np.uint8))
+            log.warning("extract: %s failed to load: %s", uri, exc)
+    images = np.empty(n, dtype=object)
+    images[:] = out.pop("image")
+    return {**{k: np.array(v) for k, v in out.items()}, "image": images}
+
+
+class MaskCutActor:
+    """Holds the backbone on its device; turns a batch of decoded images into per-image results."""
+
+    def __init__(self, cfg_dict: dict[str, Any]):
+        import torch
+
+        from u2seg.config import config_from_dict
+        from u2seg.features.backbone import build_backbone
+
+        self.cfg = config_from_dict(cfg_dict)
+        extract_cfg = self.cfg.extract
+        self.device = torch.device(resolve_device(self.cfg.run.device))
+        torch.manual_seed(self.cfg.run.seed)
+        self.model = build_backbone(extract_cfg.backbone, extract_cfg.weights, image_size=extract_cfg.image_size,
+                                    seed=self.cfg.run.seed, storage_options=self.cfg.run.storage.storage_options()
+                                    ).to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return run_model_batch(self.model, batch, self.cfg, self.device)
+
+
+def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, device: Any) -> dict[str, np.ndarray]:
+    """Backbone + MaskCut on the decodable images of a batch; failed images pass through as errors."""
+    from u2seg.features.pooling import sample_grid_cells
+    from u2seg.maskcut.process import image_seed, process_batch
+
+    extract_cfg = cfg.extract
+    n = len(batch["uri"])
+    ok = [bool(x) for x in batch["ok"]]
+    err = [str(x) for x in batch["error_class"]]
+    msg = [str(x) for x in batch["message"]]
+    ok_idx = [i for i in range(n) if ok[i]]
+    images = [batch["image"][i] for i in ok_idx]
+    results: dict[int, Any] = {}
+    if images:
+        try:
+            out = process_batch(model, images, image_size=extract_cfg.image_size, tau=extract_cfg.tau,
+                                n_masks=extract_cfg.n_masks, solver=extract_cfg.solver, refine=extract_cfg.refine,
+                                patches_per_image=0, amp=extract_cfg.amp, seed=cfg.run.seed,
+                                stuff=(extract_cfg.stuff_grid, extract_cfg.stuff_dim))
+            results = dict(zip(ok_idx, out, strict=True))
+        except Exception as exc:  # a batch-level failure (e.g. OOM) becomes per-image errors, not a crash
+            log.exception("extract: batch of %d failed in the model", len(images))
+            for i in ok_idx:
+                ok[i], err[i], msg[i] = False, type(exc).__name__, f"model failure: {exc}"[:2000]
+    payload = []
+    for i in range(n):
+        r = results.get(i)
+        if r is None:
+            payload.append(b"")
+            continue
+        grid = r.stuff_grid
+        feats, rows, cols = sample_grid_cells(grid, extract_cfg.patches_per_image,
+                                              image_seed(batch["image"][i], cfg.run.seed))
+        payload.append(pickle.dumps({
+            "height": r.height, "width": r.width, "masks": r.masks, "timings": r.timings,
+            "stuff_grid": grid.numpy(), "patches": (feats.numpy(), rows.numpy(), cols.numpy()),
+        }, protocol=5))
+    return {"image_id": batch["image_id"], "uri": batch["uri"], "ok": np.array(ok),
+            "error_class": np.array(err, dtype=object), "message": np.array(msg, dtype=object),
+            "result": np.array(payload, dtype=object)}

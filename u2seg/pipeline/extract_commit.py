@@ -1,0 +1,118 @@
+"""Committing extract results exactly once: one group's rows in every table, the ledger part last.
+
+Every group is written under a name derived from its image ids (``layout.group_name``); the ledger part
+(``extract/images``: one row per input, ok or error) is written last, so an image is done iff it is in
+the ledger. Parts of other tables whose ledger part is missing are orphans of a killed writer and are
+deleted when the stage starts. A run token in ``extract/_STARTED`` fences late writers of a killed driver.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from u2seg.io import RunRoot, layout
+from u2seg.io.schemas import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, PATCHES_SCHEMA
+
+_TABLE_SCHEMAS = ((layout.MASKS, "masks", MASKS_SCHEMA), (layout.PATCHES, "patches", PATCHES_SCHEMA),
+                  (layout.ERRORS, "errors", ERRORS_SCHEMA))
+STARTED = layout.marker("extract", layout.STARTED)
+
+
+class StaleWriterError(RuntimeError):
+    """A worker of an older run of the stage tried to commit after a newer run had started."""
+
+
+def ledger_ids(root: RunRoot) -> pa.Array:
+    """Image ids already committed (ok or error), as one Arrow array (compact even for millions)."""
+    ids = root.read_parquet(layout.LEDGER, columns=["image_id"], schema=IMAGES_SCHEMA)
+    return ids.column("image_id").combine_chunks() if ids.num_rows else pa.array([], pa.string())
+
+
+def remove_orphans(root: RunRoot) -> int:
+    """Delete parts of masks/patches/errors whose ledger part was never committed."""
+    committed = set(root.list(layout.LEDGER, ".parquet"))
+    n = 0
+    for folder in layout.EXTRACT_TABLES:
+        for name in root.list(folder, ".parquet"):
+            if name not in committed:
+                root.remove(layout.part(folder, name))
+                n += 1
+    return n
+
+
+def run_token(root: RunRoot) -> str | None:
+    """The token of the run that owns ``extract/`` now (written by the runner when the stage starts)."""
+    try:
+        return root.read_json(STARTED).get("run_token")
+    except FileNotFoundError:
+        return None
+
+
+def _check_owner(root: RunRoot, token: str | None) -> None:
+    if token is None:
+        return
+    current = root.retrying(lambda: run_token(root), f"read {STARTED}")  # rides out an outage like writes
+    if current != token:
+        raise StaleWriterError(f"extract: a newer run ({current}) owns {root.uri}; this writer of run {token} "
+                               "commits nothing")
+
+
+def write_group(batch: dict[str, np.ndarray], root: RunRoot, token: str | None = None) -> dict[str, np.ndarray]:
+    """Commit one group: masks, patches, errors, then the ledger part (same name) last.
+
+    ``token`` fences a killed driver's late workers: the owner is checked before the first write and
+    again before the ledger write, so a stale worker commits nothing (its other parts are orphans,
+    removed when the stage next starts).
+    """
+    ids = [str(x) for x in batch["image_id"]]
+    name = layout.group_name(ids)
+    t0 = time.perf_counter()
+    rows = rows_for_tables(batch)
+    _check_owner(root, token)
+    for folder, key, schema in _TABLE_SCHEMAS:
+        root.write_parquet(layout.part(folder, name), pa.Table.from_pylist(rows[key], schema=schema))
+    _check_owner(root, token)
+    root.write_parquet(layout.part(layout.LEDGER, name), pa.Table.from_pylist(rows["images"], schema=IMAGES_SCHEMA))
+    return {
+        "part": np.array([name]),
+        "images": np.array([len(ids)]),
+        "errors": np.array([len(rows["errors"])]),
+        "masks": np.array([len(rows["masks"])]),
+        "write_s": np.array([time.perf_counter() - t0]),
+        "timings": np.array([pickle.dumps(rows["timings"])], dtype=object),
+    }
+
+
+def rows_for_tables(batch: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Rows of the masks, patches, errors and images (ledger) tables for one group of results."""
+    masks, patches, errors, images = [], [], [], []
+    timings: dict[str, float] = {}
+    for i in range(len(batch["image_id"])):
+        image_id, uri = str(batch["image_id"][i]), str(batch["uri"][i])
+        blob = batch["result"][i]
+        if not batch["ok"][i] or not blob:
+            errors.append({"image_id": image_id, "uri": uri, "stage": "extract",
+                           "error_class": str(batch["error_class"][i]) or "Error", "message": str(batch["message"][i])})
+            images.append({"image_id": image_id, "uri": uri, "status": "error", "width": -1, "height": -1,
+                           "n_masks": 0, "grid_h": 0, "grid_w": 0, "stuff_grid": [], "stuff_dim": 0})
+            continue
+        r = pickle.loads(blob)
+        for m in r["masks"]:
+            masks.append({"image_id": image_id, "mask_id": m["mask_id"], "rle": m["rle"], "bbox": m["bbox"],
+                          "area": int(m["area"]), "score": float(m["score"]), "descriptor": m["descriptor"],
+                          "image_width": r["width"], "image_height": r["height"]})
+        feats, rows, cols = r["patches"]
+        for f, rr, cc in zip(feats, rows, cols, strict=True):
+            patches.append({"image_id": image_id, "feature": f, "row": int(rr), "col": int(cc)})
+        grid = r["stuff_grid"]
+        images.append({"image_id": image_id, "uri": uri, "status": "ok", "width": r["width"], "height": r["height"],
+                       "n_masks": len(r["masks"]), "grid_h": grid.shape[0], "grid_w": grid.shape[1],
+                       "stuff_grid": grid.reshape(-1), "stuff_dim": grid.shape[2]})
+        for k, v in r["timings"].items():
+            timings[k] = timings.get(k, 0.0) + v
+    return {"masks": masks, "patches": patches, "errors": errors, "images": images, "timings": timings}

@@ -1,0 +1,103 @@
+"""The stage table: every stage declared once — what it writes, what its config hash covers, whether it
+needs Ray, and the function that runs it. The runner, the pipeline, the CLI and viz all read this table.
+
+Importing it is cheap (no torch, no Ray): stage functions are imported when a stage runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from u2seg.io import layout
+
+if TYPE_CHECKING:
+    from u2seg.config import U2SegConfig
+    from u2seg.io import RunRoot
+
+# Config keys that select which work to do rather than describe it: never part of a stage hash.
+SELECTOR_KEYS = ("evaluate.target",)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline.
+
+    folder: the stage's own run-root folder; its markers (_STARTED, stats.json, _SUCCESS) live there.
+    outputs: every run-root path (folder or file) the stage owns.
+    sections: the config sections its hash covers (its own and every upstream section).
+    replace: "reset" — outputs made with another config are removed before the stage runs (the stage
+        then resumes from its own partial outputs); "when_done" — the stage replaces its outputs itself,
+        and only once the new ones are complete, so a failed rerun leaves the previous results intact.
+    keep_across: config keys whose change does not reset a "reset" stage's outputs: the stage itself
+        keeps what is still valid (train keeps finished rounds when only train.rounds changes).
+    """
+
+    name: str
+    folder: str
+    outputs: tuple[str, ...]
+    sections: tuple[str, ...]
+    function: str  # "module:function", called as function(cfg, root) -> stats
+    needs_ray: bool
+    replace: Literal["reset", "when_done"]
+    summary: str
+    keep_across: tuple[str, ...] = ()
+
+    def config_hash(self, cfg: U2SegConfig) -> str:
+        return cfg.section_hash(self.sections, exclude=SELECTOR_KEYS)
+
+    def reset_hash(self, cfg: U2SegConfig) -> str:
+        """The hash whose change removes the stage's outputs before it runs (see ``keep_across``)."""
+        return cfg.section_hash(self.sections, exclude=(*SELECTOR_KEYS, *self.keep_across))
+
+    def run_function(self) -> Callable[[U2SegConfig, RunRoot], dict[str, Any]]:
+        module, name = self.function.split(":")
+        return getattr(importlib.import_module(module), name)
+
+    def marker(self, name: str = layout.SUCCESS) -> str:
+        return layout.marker(self.folder, name)
+
+
+_UP_TO_LABEL = ("manifest", "extract", "cluster", "label")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("manifest", layout.MANIFEST, (layout.MANIFEST,), ("manifest",),
+          "u2seg.pipeline.manifest:run_manifest", False, "reset",
+          "list every input image into manifest/*.parquet"),
+    Stage("extract", "extract", ("extract",), ("manifest", "extract"),
+          "u2seg.pipeline.extract:run_extract", True, "reset",
+          "backbone features and MaskCut masks per image (Ray Data actor pool)"),
+    Stage("cluster", "cluster", ("cluster",), ("manifest", "extract", "cluster"),
+          "u2seg.pipeline.cluster:run_cluster", True, "reset",
+          "k-means of mask descriptors (things) and patch features (stuff); every mask's class"),
+    Stage("label", layout.LABELS, (layout.LABELS,), _UP_TO_LABEL,
+          "u2seg.pipeline.label:run_label", True, "reset",
+          "panoptic, instance and semantic pseudo-labels (COCO / COCO panoptic)"),
+    Stage("train", layout.TRAIN, (layout.TRAIN, layout.SELFTRAIN), (*_UP_TO_LABEL, "train"),
+          "u2seg.pipeline.train:run_train", True, "reset",
+          "train the model on the pseudo-labels, then train.rounds self-training rounds (Ray Train)",
+          keep_across=("train.rounds",)),
+    Stage("predict", layout.PREDICT, (layout.PREDICT,), (*_UP_TO_LABEL, "train"),
+          "u2seg.pipeline.predict:run_predict", True, "reset",
+          "the trained model's predictions on the extracted images, in the label format"),
+    Stage("evaluate", layout.EVAL_LABELS, (layout.EVAL_LABELS,), (*_UP_TO_LABEL, "evaluate"),
+          "u2seg.pipeline.evaluate:run_evaluate_labels", False, "when_done",
+          "score the pseudo-labels against a labeled set into eval/labels/"),
+    Stage("evaluate_model", layout.EVAL_MODEL, (layout.EVAL_MODEL,), (*_UP_TO_LABEL, "train", "evaluate"),
+          "u2seg.pipeline.evaluate:run_evaluate_model", False, "when_done",
+          "score the trained model's predictions against a labeled set into eval/model/"),
+)
+
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+PIPELINE: tuple[str, ...] = tuple(s.name for s in STAGES)
+EVALUATION_STAGES = ("evaluate", "evaluate_model")
+MODEL_STAGES = ("train", "predict", "evaluate_model")
+
+
+def stage(name: str) -> Stage:
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(PIPELINE)}") from None
