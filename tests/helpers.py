@@ -136,3 +136,57 @@ class Background:
         if self.error is not None:
             raise self.error
         return self.result
+
+
+def check_run_root_consistent(root) -> dict[str, int]:
+    """The exactly-once check extended to the whole run root (after a finished pipeline up to label or beyond).
+
+    Ledger ids == manifest ids (extract's check); every labelled image is an ok ledger image and every ok
+    ledger image is labelled once; each image's thing categories come from its masks' cluster assignments;
+    the label set's PNG folders are exactly its groups; every marker's consumed fingerprints are its upstream
+    markers' current outputs.
+    """
+    from u2seg.io import layout
+    from u2seg.io.labelset import LabelSet
+    from u2seg.pipeline.markers import read_marker
+    from u2seg.pipeline.stages import STAGES, stage
+
+    counts = check_extract_exactly_once(root)
+    manifest = set(root.read_parquet("manifest", columns=["image_id"]).column("image_id").to_pylist())
+    ledger = root.read_parquet("extract/images", columns=["image_id", "status"]).to_pylist()
+    ok = {r["image_id"] for r in ledger if r["status"] == "ok"}
+    assigned: dict[str, set[int]] = {}
+    for r in root.read_parquet("cluster/assignments", columns=["image_id", "cluster_id"]).to_pylist():
+        assigned.setdefault(r["image_id"], set()).add(int(r["cluster_id"]) + 1)
+    k_things, _ = layout.class_counts(root)
+    labels = LabelSet(root, "labels")
+    labelled = []
+    for im in labels.iter_images():
+        labelled.append(im.image_id)
+        things = {s["category_id"] for s in im.segments if s["category_id"] <= k_things}
+        if not things <= assigned.get(im.image_id, set()):
+            raise AssertionError(f"labels of {im.uri} hold thing classes {sorted(things)} not assigned to its "
+                                 f"masks {sorted(assigned.get(im.image_id, set()))}")
+    if len(labelled) != len(set(labelled)):
+        raise AssertionError("an image is labelled twice")
+    if set(labelled) - manifest:
+        raise AssertionError(f"{len(set(labelled) - manifest)} labelled image(s) are not in the manifest")
+    if set(labelled) != ok:
+        raise AssertionError(f"labelled images != ok ledger images ({len(labelled)} vs {len(ok)})")
+    groups = set(labels.groups())
+    for kind in ("panoptic", "semantic"):
+        folders = set(layout.subdirs(root, f"labels/{kind}"))
+        if folders and folders != groups:
+            raise AssertionError(f"labels/{kind} folders {sorted(folders ^ groups)[:3]} are not the label groups")
+    markers = 0
+    for st in STAGES:
+        marker = read_marker(root, st)
+        if marker is None:
+            continue
+        markers += 1
+        for up in st.upstream:
+            upstream = read_marker(root, stage(up))
+            if upstream is None or marker["consumed"].get(up) != upstream["output"]:
+                raise AssertionError(f"{st.name}'s marker consumed {up} {marker['consumed'].get(up)} but {up} now "
+                                     f"outputs {(upstream or {}).get('output')}")
+    return {**counts, "labelled": len(labelled), "markers": markers}

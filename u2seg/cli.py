@@ -12,7 +12,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from u2seg.config import ConfigError, U2SegConfig, explain, load_config
+from u2seg.config import U2SegConfig, explain, load_config
+from u2seg.errors import UserError
 from u2seg.pipeline.stages import STAGES
 
 log = logging.getLogger("u2seg")
@@ -29,6 +30,8 @@ def setup_logging(level: str = "INFO") -> None:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None, help="YAML file or built-in name (demo, coco, imagenet)")
     p.add_argument("--force", action="store_true", help="rerun even if the stage's _SUCCESS marker matches")
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="wait up to SECONDS for another driver's lease on the run root instead of failing")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. extract.tau=0.2")
 
 
@@ -44,6 +47,7 @@ def _load(args: argparse.Namespace) -> U2SegConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="u2seg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     sub = parser.add_subparsers(dest="command", required=True)
     for st in STAGES:
         if st.name in _COMMAND_OF_STAGE:
@@ -78,11 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a user error (bad knob, missing input, unreachable or busy run root) is one line on
+    stderr and exit code 2, with the traceback only under ``--debug``."""
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"u2seg: error: {exc}", file=sys.stderr)
         return 2
 
 
@@ -111,7 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "pipeline":
         from u2seg.pipeline.run_pipeline import run_pipeline
 
-        run_pipeline(cfg, force=args.force)
+        run_pipeline(cfg, force=args.force, wait_for_lease_s=args.wait)
         return 0
     from u2seg.pipeline.run_stage import run_stage
 
@@ -119,7 +127,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         cmd = "train"
     if cmd == "evaluate" and cfg.evaluate.target == "model":
         cmd = "evaluate_model"
-    print(json.dumps(run_stage(cmd, cfg, force=args.force), indent=2, default=str))
+    print(json.dumps(run_stage(cmd, cfg, force=args.force, wait_for_lease_s=args.wait), indent=2, default=str))
     return 0
 
 

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Iterable, Mapping
@@ -22,8 +23,10 @@ from typing import Any, Literal
 
 import yaml
 
+from u2seg.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(ValueError, UserError):
     """A config key holds a value that is not allowed; the message names key, value and rule."""
 
     def __init__(self, key: str, value: Any, allowed: str):
@@ -103,6 +106,10 @@ class RunConfig:
     max_error_fraction: float = knob(0.05, "a stage fails loudly at the end if more than this fraction "
                                      "of inputs became error rows", _fraction, "a fraction in [0, 1]")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = knob("INFO", "logging level")
+    lease_s: float = knob(120.0, "one driver at a time per run root: a driver holds a lease in the run root "
+                          "(renewed every lease_s/4 seconds); another driver fails at once, naming the owner and "
+                          "when the lease expires (or waits with --wait); a killed driver's lease is taken over "
+                          "once it is lease_s seconds old", lambda v: v >= 5, ">= 5 seconds")
 
 
 @dataclass
@@ -117,6 +124,9 @@ class ManifestConfig:
     list_concurrency: int = knob(8, "prefixes listed in parallel", _positive, "a positive integer")
     probe_sizes: bool = knob(False, "read each image header to fill width/height (costs one small read "
                              "per image); off: filled by extract")
+    refresh: bool = knob(True, "relist the sources on every run, so a changed folder or bucket changes the manifest "
+                         "(new images are extracted, removed ones leave every output); off: a finished manifest "
+                         "is kept as it is")
 
 
 @dataclass
@@ -166,6 +176,10 @@ class ClusterConfig:
     max_points_per_centroid: int = knob(256, "init sample size cap per centroid, as faiss", _positive,
                                         "a positive integer")
     tol: float = knob(1e-4, "stop when the relative inertia change falls below this", _non_negative, ">= 0")
+    refit: Literal["assign_new", "always"] = knob("assign_new", "on a rerun over changed inputs: assign_new keeps "
+                                                  "the existing centroids and assigns only new masks (pseudo-class "
+                                                  "ids stay stable for users); always refits on all masks and every "
+                                                  "label is rebuilt")
 
 
 @dataclass
@@ -250,7 +264,7 @@ class U2SegConfig:
         """Hash of the work the run describes (storage credentials and logging excluded)."""
         d = self.to_dict()
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("storage", "log_level", "ray_address",
-                                                                   "ray_num_cpus")}
+                                                                   "ray_num_cpus", "run_root", "lease_s")}
         return _digest(d)
 
     def section_hash(self, sections: Iterable[str], exclude: Iterable[str] = ()) -> str:
@@ -266,9 +280,19 @@ class U2SegConfig:
             section, _, key = dotted.partition(".")
             if section in payload:
                 payload[section] = {k: v for k, v in payload[section].items() if k != key}
-        payload["seed"] = self.run.seed
-        payload["run_root"] = self.run.run_root
+        payload["seed"] = self.run.seed  # the run root's location is not in it: a moved run root resumes
         return _digest(payload)
+
+    def section_values(self, sections: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
+        """The dotted knobs of ``sections`` and their values (markers keep them, to say which knob changed)."""
+        d = self.to_dict()
+        flat: dict[str, Any] = {"run.seed": self.run.seed}
+        for section in sections:
+            for key, value in d[section].items():
+                flat[f"{section}.{key}"] = value
+        for dotted in exclude:
+            flat.pop(dotted, None)
+        return flat
 
 
 def _digest(obj: Any) -> str:
@@ -384,6 +408,20 @@ def builtin_config_path(name: str) -> str:
     return str(resources.files("u2seg") / "configs" / f"{name}.yaml")
 
 
+_PATCH = re.compile(r"patch(\d+)")
+
+
+def check_consistency(cfg: U2SegConfig) -> U2SegConfig:
+    """Rules that involve more than one knob, checked when the config is loaded (not minutes later on a worker)."""
+    m = _PATCH.search(cfg.extract.backbone)
+    if m and cfg.extract.image_size % int(m.group(1)):
+        patch = int(m.group(1))
+        raise ConfigError("extract.image_size", cfg.extract.image_size,
+                          f"a multiple of the backbone's patch size {patch} (extract.backbone="
+                          f"{cfg.extract.backbone}), e.g. {cfg.extract.image_size // patch * patch}")
+    return cfg
+
+
 def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> U2SegConfig:
     """Load YAML (a path, or the name of a built-in config) and apply dotted overrides, validating all."""
     tree: dict[str, Any] = {}
@@ -403,12 +441,12 @@ def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> U2Seg
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return _build(U2SegConfig, tree, "")
+    return check_consistency(_build(U2SegConfig, tree, ""))
 
 
 def config_from_dict(tree: Mapping[str, Any]) -> U2SegConfig:
     """Validate a plain dict (e.g. a resolved config read back from a run root)."""
-    return _build(U2SegConfig, tree, "")
+    return check_consistency(_build(U2SegConfig, tree, ""))
 
 
 def explain() -> str:

@@ -246,8 +246,9 @@ def _thing_color(lut: np.ndarray, cluster_id: int | None) -> np.ndarray:
     return lut[min(cluster_id + 1, len(lut) - 1)]
 
 
-def _label_png(root: RunRoot, kind: str, image_id: str) -> np.ndarray | None:
-    rel = f"{layout.LABELS}/{kind}/{image_id}.png"
+def _label_png(root: RunRoot, kind: str, part: str, image_id: str) -> np.ndarray | None:
+    """A sampled image's label PNG (``part``: its extract ledger part, whose stem names its label group)."""
+    rel = f"{layout.LABELS}/{kind}/{layout.group_stem(part)}/{image_id}.png"
     if not root.exists(rel):
         return None
     data = root.read_bytes(rel)
@@ -366,8 +367,8 @@ def pseudo_masks(root: RunRoot, sample: Sequence[dict[str, Any]], *, max_side: i
             row[1].text(x, y, text, fontsize=7, color="white", va="top",
                         bbox={"facecolor": "black", "alpha": 0.6, "pad": 1, "linewidth": 0})
         row[1].set_title(f"MaskCut pseudo-masks: {len(labels)}", fontsize=9)
-        sem = _label_png(root, "semantic", rec["image_id"])
-        pan = _label_png(root, "panoptic", rec["image_id"])
+        sem = _label_png(root, "semantic", rec["part"], rec["image_id"])
+        pan = _label_png(root, "panoptic", rec["part"], rec["image_id"])
         if sem is None or pan is None:
             _blank(row[2], "not labelled yet (or label.write_semantic is off)")
         else:
@@ -387,7 +388,7 @@ def stuff_maps(root: RunRoot, sample: Sequence[dict[str, Any]], *, max_side: int
                cols: int = 4) -> Png | Note:
     """The semantic pseudo-label of each sampled image, stuff classes coloured, things grey, void black."""
     k_things, _ = class_counts(root)
-    shown = [(r, _label_png(root, "semantic", r["image_id"])) for r in sample]
+    shown = [(r, _label_png(root, "semantic", r["part"], r["image_id"])) for r in sample]
     shown = [(r, sem) for r, sem in shown if sem is not None]
     if not shown:
         return Note("no semantic pseudo-labels yet: run `u2seg label` (with label.write_semantic on)")

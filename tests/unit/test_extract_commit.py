@@ -17,7 +17,8 @@ def _error_batch(ids: list[str]) -> dict[str, np.ndarray]:
     n = len(ids)
     result = np.empty(n, dtype=object)
     result[:] = [b""] * n
-    return {"image_id": np.array(ids), "uri": np.array([f"/x/{i}.jpg" for i in ids]), "ok": np.zeros(n, bool),
+    return {"image_id": np.array(ids), "uri": np.array([f"/x/{i}.jpg" for i in ids]),
+            "version": np.array(["1-1"] * n), "ok": np.zeros(n, bool),
             "error_class": np.array(["ImageDecodeError:truncated"] * n), "message": np.array(["cut"] * n),
             "result": result}
 
@@ -42,3 +43,42 @@ def test_a_writer_of_an_older_run_commits_nothing(tmp_path):
         assert root.list(f"extract/{table}") == []
     write_group(_error_batch(["c"]), root, None)  # called outside the runner: no fence
     assert root.list("extract/images") == [group_name(["c"])]
+
+
+def test_an_oom_on_every_multi_image_batch_leaves_every_good_image_ok_in_the_ledger(tmp_path, monkeypatch):
+    """The batched model call raises CUDA's out-of-memory error whenever it holds more than one image: the
+    batch is split down to single images, and the ledger has every decodable image as ok, none as an error."""
+    import torch
+
+    from u2seg.config import load_config
+    from u2seg.features.backbone import build_backbone
+    from u2seg.maskcut import process
+    from u2seg.pipeline.extract_actor import run_model_batch
+
+    real = process.process_batch
+
+    def tight_memory(model, images, **kwargs):
+        if len(images) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real(model, images, **kwargs)
+
+    monkeypatch.setattr(process, "process_batch", tight_memory)
+    cfg = load_config(None, ["extract.backbone=vit_small_patch8_224.dino", "extract.image_size=64",
+                             "extract.n_masks=2", "extract.stuff_grid=8", "extract.stuff_dim=16",
+                             "extract.patches_per_image=4", "extract.amp=none"])
+    model = build_backbone(cfg.extract.backbone, "none", image_size=64, seed=0)
+    rng = np.random.default_rng(0)
+    n = 5
+    images = np.empty(n, dtype=object)
+    images[:] = [rng.integers(0, 255, (48 + 8 * i, 64, 3), dtype=np.uint8) for i in range(n)]
+    ok = np.array([True, True, False, True, True])  # the third image failed to decode before the model
+    batch = {"image_id": np.array([f"{i:016x}" for i in range(n)]), "uri": np.array([f"/x/{i}.jpg" for i in range(n)]),
+             "version": np.array(["1-1"] * n), "ok": ok, "image": images,
+             "error_class": np.array(["", "", "ImageDecodeError:truncated", "", ""]),
+             "message": np.array(["", "", "cut", "", ""])}
+    out = run_model_batch(model, batch, cfg, torch.device("cpu"))
+    root = RunRoot(str(tmp_path))
+    write_group(out, root)
+    ledger = {r["image_id"]: r["status"] for r in root.read_parquet("extract/images").to_pylist()}
+    assert ledger == {f"{i:016x}": "error" if i == 2 else "ok" for i in range(n)}
+    assert root.read_parquet("extract/errors").column("error_class").to_pylist() == ["ImageDecodeError:truncated"]

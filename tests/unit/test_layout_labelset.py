@@ -64,14 +64,17 @@ def test_write_commit_read_merge_and_clear(tmp_path):
     for group, ids in (("g1", ["1aaa000000000000", "2aaa000000000000"]), ("g2", ["3bbb000000000000"])):
         fragment = Fragment()
         for image_id in ids:
-            fragment.add(*labels.write_image(image_id, f"/data/{image_id}.jpg", seg, segments, scores={1: 0.8}))
-        labels.commit(group, fragment)
+            fragment.add(*labels.write_image(group, image_id, f"/data/{image_id}.jpg", seg, segments,
+                                             scores={1: 0.8}))
+        labels.commit(group, fragment, inputs=f"made-from-{group}")
     assert labels.groups() == ["g1", "g2"]
+    assert labels.group_inputs() == {"g1": "made-from-g1", "g2": "made-from-g2"}
     images = list(labels.iter_images())
     assert [im.image_id for im in images] == ["1aaa000000000000", "2aaa000000000000", "3bbb000000000000"]
     assert images[0].uri == "/data/1aaa000000000000.jpg" and images[0].segments[0]["score"] == 0.8
     assert np.array_equal(labels.read_panoptic(images[0].png), seg)
-    semantic = decode_semantic_png(root.read_bytes("predict/semantic/1aaa000000000000.png"))
+    assert images[0].png == "predict/panoptic/g1/1aaa000000000000.png" and images[0].group == "g1"
+    semantic = decode_semantic_png(root.read_bytes("predict/semantic/g1/1aaa000000000000.png"))
     assert semantic[2, 2] == 2 and semantic[0, 6] == 4 and semantic[0, 0] == 0
     counts = labels.merge("test")
     assert counts == {"images": 3, "instances": 3, "parts": 2}
@@ -82,7 +85,7 @@ def test_write_commit_read_merge_and_clear(tmp_path):
     ann = next(iter(coco.anns.values()))
     assert ann["score"] == 0.8 and ann["category_id"] == 2 and coco.annToMask(ann).sum() == 9
     labels.remove_groups(["g1"])
-    assert labels.groups() == ["g2"]
+    assert labels.groups() == ["g2"] and not root.exists("predict/panoptic/g1") and root.exists("predict/panoptic/g2")
     labels.clear()
     assert labels.groups() == [] and not labels.has_merged() and root.exists("predict/_SUCCESS")
 
@@ -91,4 +94,4 @@ def test_a_label_set_opened_to_read_cannot_write(tmp_path):
     labels = LabelSet(RunRoot(str(tmp_path)), "labels")
     seg, segments = _image()
     with pytest.raises(ValueError, match="can only be read"):
-        labels.write_image("a" * 16, "/x.jpg", seg, segments)
+        labels.write_image("g", "a" * 16, "/x.jpg", seg, segments)

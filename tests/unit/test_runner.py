@@ -61,15 +61,18 @@ def test_run_stage_skips_when_done_and_writes_resolved_config(tmp_path):
     img_dir.mkdir()
     (img_dir / "a.jpg").write_bytes(b"x")
     cfg = load_config(None, [f"run.run_root={tmp_path / 'run'}", f"manifest.inputs=[{img_dir}]",
-                             "run.storage.secret=hunter2"])
+                             "run.storage.secret=hunter2", "manifest.refresh=false"])
     first = run_stage("manifest", cfg)
-    assert first["images"] == 1 and "skipped" not in first
+    assert first["images"] == 1 and "skipped" not in first and first["reason"] == "not run yet"
     again = run_stage("manifest", cfg)
     assert again["skipped"] is True and again["images"] == 1
     text = (tmp_path / "run" / "config.yaml").read_text()
     assert cfg.hash() in text and "hunter2" not in text
     forced = run_stage("manifest", cfg, force=True)
     assert "skipped" not in forced
+    relisted = run_stage("manifest", load_config(None, [f"run.run_root={tmp_path / 'run'}",
+                                                        f"manifest.inputs=[{img_dir}]"]))
+    assert relisted["reason"].startswith("config changed: manifest.refresh")
 
 
 class FlakyRayInit:

@@ -73,7 +73,7 @@ def train_once(cfg: U2SegConfig, root: RunRoot, workers: int, steps: int, image_
                       backbone=backbone, batch_size=batch_size, rounds=0, use_gpu="no", max_failures=0)
     tcfg = config_from_dict(d)
     t0 = time.time()
-    stats = run_train_round(tcfg, root, 0, "labels")
+    stats = run_train_round(tcfg, root, 0)
     wall = time.time() - t0
     lines = root.read_text("train/round-0/metrics.jsonl").splitlines()
     history = [json.loads(line) for line in lines if line]

@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import resource
 import time
 import uuid
@@ -311,6 +312,7 @@ def distributed_kmeans(
     Stops after `niter` Lloyd iterations or when the relative inertia change drops below `tol` (0
     disables). When n > k * max_points_per_centroid each shard keeps a content-keyed subsample so that
     about k * max_points_per_centroid points are clustered in total (faiss's rule; None disables it).
+    The checkpoint's signature names the parts by file name, not location, so a moved run root resumes.
     `init_centroids` ([k, d]) fixes the start (e.g. to compare with `kmeans`); otherwise k distinct
     points are drawn (`init_method` "random" or "kmeans++") from a sample of `init_sample_size` points
     (default min(n, 10k)) picked by content key across the shards. `checkpoint_uri` (a file URI, local
@@ -341,7 +343,7 @@ def distributed_kmeans(
                 raise ValueError(f"init_centroids must be [{k}, {d}], got {init_given.shape}")
         sig = _signature(
             k=k, d=d, seed=seed, spherical=spherical, tol=tol, column=column,
-            source=[fs.unstrip_protocol(f) for f in files], rows=rows, n_train=n_train,
+            source=[posixpath.basename(f) for f in files], rows=rows, n_train=n_train,
             max_points_per_centroid=max_points_per_centroid, num_shards=len(actors),
             init=None if init_given is None else hashlib.sha1(init_given.tobytes()).hexdigest(),
             init_sample_size=init_sample_size, init_method=init_method,

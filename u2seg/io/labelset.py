@@ -3,10 +3,12 @@ training, self-training and evaluation read.
 
 A label set lives under one prefix (``labels/``, ``predict/``, ``selftrain/round-R/labels`` ...):
 
-- ``panoptic/<image_id>.png`` (COCO panoptic PNG) and ``semantic/<image_id>.png`` (category id per pixel)
-  for each image, written first;
+- ``panoptic/<group>/<image_id>.png`` (COCO panoptic PNG) and ``semantic/<group>/<image_id>.png``
+  (category id per pixel) for each image, written first, one folder per group so no folder holds
+  millions of files and a group leaves with its folders;
 - ``_parts/<group>.json``: one fragment per group of images (its COCO image entries, panoptic
-  annotations and instance annotations), written after the group's PNGs: the group's commit;
+  annotations and instance annotations, and the digest of the inputs it was made from), written after
+  the group's PNGs: the group's commit;
 - ``panoptic.json`` and ``instances.json``: the fragments streamed into single COCO files at the end.
 
 Categories follow ``u2seg.labels.pseudo_categories``: things 1..k_things, stuff after them.
@@ -66,6 +68,7 @@ class Fragment:
 class LabelledImage:
     """One image of a label set, as training and self-training read it."""
 
+    group: str
     image_id: str  # u2seg image id (hash of the source URI)
     uri: str
     png: str  # run-root path of its panoptic PNG
@@ -102,17 +105,18 @@ class LabelSet:
 
     # ------------------------------------------------------------------ writing
 
-    def write_image(self, image_id: str, uri: str, seg_ids: np.ndarray, segments_info: Sequence[Mapping[str, Any]],
-                    *, semantic: np.ndarray | None = None, scores: Mapping[int, float] | None = None,
-                    thing_scores: Sequence[float] | None = None, write_semantic: bool = True
-                    ) -> tuple[dict, dict, list[dict]]:
-        """Write one image's PNGs; return its (COCO image entry, panoptic annotation, instance annotations).
+    def write_image(self, group: str, image_id: str, uri: str, seg_ids: np.ndarray,
+                    segments_info: Sequence[Mapping[str, Any]], *, semantic: np.ndarray | None = None,
+                    scores: Mapping[int, float] | None = None, thing_scores: Sequence[float] | None = None,
+                    write_semantic: bool = True) -> tuple[dict, dict, list[dict]]:
+        """Write one image's PNGs into its group's folders; return its (COCO image entry, panoptic annotation,
+        instance annotations). The annotation's ``file_name`` is ``<group>/<image_id>.png``.
 
         ``scores`` (segment id -> score) is kept in the segments (predictions); instance annotations get
         ``thing_scores`` (one per thing segment, in segments order) or those scores, else 1.0.
         ``semantic`` defaults to the category map of ``seg_ids``.
         """
-        png = f"{image_id}.png"
+        png = f"{group}/{image_id}.png"
         self.root.write_bytes(self.rel("panoptic", png), panoptic_png_bytes(seg_ids))
         if write_semantic:
             sem = semantic_from_panoptic(seg_ids, segments_info) if semantic is None else semantic
@@ -133,13 +137,21 @@ class LabelSet:
                                     [s["category_id"] - 1 for s in things], list(thing_scores), start_ann_id=1)
         return image, panoptic_annotation(cid, png, clean), inst
 
-    def commit(self, group: str, fragment: Fragment) -> None:
-        """Publish one group's fragment (after its PNGs): the group is then part of the label set."""
-        self.root.write_json(self.rel(PARTS, f"{group}.json"), fragment.to_dict(), indent=None)
+    def commit(self, group: str, fragment: Fragment, inputs: str = "") -> None:
+        """Publish one group's fragment (after its PNGs): the group is then part of the label set.
+
+        ``inputs`` is a digest of what the group was made from (e.g. the centroids): a later run keeps the
+        group only while it still matches.
+        """
+        self.root.write_json(self.rel(PARTS, f"{group}.json"), {**fragment.to_dict(), "inputs": inputs},
+                             indent=None)
 
     def remove_groups(self, groups: Sequence[str]) -> None:
+        """Take groups out: the fragment first (the group leaves the set), then its PNG folders."""
         for g in groups:
             self.root.remove(self.rel(PARTS, f"{g}.json"))
+            for kind in ("panoptic", "semantic"):
+                self.root.remove(self.rel(kind, g), recursive=True)
 
     def clear(self) -> None:
         """Remove every file of the label set (not other files under its prefix, e.g. stage markers)."""
@@ -176,20 +188,24 @@ class LabelSet:
     def _fragment_names(self) -> list[str]:
         return self.root.list(self.rel(PARTS), ".json")
 
-    def fragment(self, group: str) -> dict[str, list]:
+    def fragment(self, group: str) -> dict[str, Any]:
         return self.root.read_json(self.rel(PARTS, f"{group}.json"))
 
-    def iter_fragments(self) -> Iterator[tuple[str, dict[str, list]]]:
+    def group_inputs(self) -> dict[str, str]:
+        """group -> the inputs digest it was committed with (reads every fragment: one small file each)."""
+        return {g: str(f.get("inputs", "")) for g, f in self.iter_fragments()}
+
+    def iter_fragments(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for g in self.groups():
             yield g, self.fragment(g)
 
     def iter_images(self) -> Iterator[LabelledImage]:
         """Every labelled image, a fragment at a time."""
-        for _, fragment in self.iter_fragments():
+        for group, fragment in self.iter_fragments():
             anns = {a["image_id"]: a for a in fragment["panoptic"]}
             for img in fragment["images"]:
                 ann = anns[img["id"]]
-                yield LabelledImage(image_id=img["u2seg_image_id"], uri=img["uri"],
+                yield LabelledImage(group=group, image_id=img["u2seg_image_id"], uri=img["uri"],
                                     png=self.rel("panoptic", ann["file_name"]), segments=ann["segments_info"],
                                     coco_id=int(img["id"]))
 

@@ -22,8 +22,9 @@ from u2seg.io.runroot import RunRoot
 
 CONFIG = "config.yaml"
 
-# manifest
+# manifest: parts of listed images, and the links that could not be followed
 MANIFEST = "manifest"
+MANIFEST_ERRORS = "manifest/errors"
 
 # extract: the ledger part (one row per input image, ok or error) is committed last for its group, so
 # an image is done iff it is in the ledger; the other tables' parts share the ledger part's name.
@@ -38,6 +39,7 @@ THINGS_CENTROIDS = "cluster/things.npy"
 STUFF_CENTROIDS = "cluster/stuff.npy"
 ASSIGNMENTS = "cluster/assignments"
 CLUSTER_SIZES = "cluster/sizes.json"
+CLUSTER_FIT = "cluster/fit.json"  # the fit's centroid digest and stats, written after both centroid files
 
 # label sets (see u2seg/io/labelset.py for the format)
 LABELS = "labels"
@@ -163,6 +165,15 @@ def latest_round(root: RunRoot) -> int:
     return done[-1] if done else -1
 
 
+def id_array(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """16-character image ids as a numpy ``S16`` array (16 bytes per image, no Python objects)."""
+    if len(column) == 0:
+        return np.zeros(0, dtype="S16")
+    fixed = column.cast(pa.binary(16))
+    fixed = fixed.combine_chunks() if isinstance(fixed, pa.ChunkedArray) else fixed
+    return np.frombuffer(fixed.buffers()[1], dtype="S16")[fixed.offset: fixed.offset + len(fixed)].copy()
+
+
 def save_npy(root: RunRoot, rel: str, arr: np.ndarray) -> None:
     buf = io.BytesIO()
     np.save(buf, arr)
@@ -179,3 +190,11 @@ def class_counts(root: RunRoot) -> tuple[int, int]:
         if not root.exists(rel):
             raise FileNotFoundError(f"{root.join(rel)} is missing: run `u2seg cluster` first")
     return len(load_npy(root, THINGS_CENTROIDS)), len(load_npy(root, STUFF_CENTROIDS))
+
+
+def centroid_digest(root: RunRoot) -> str:
+    """The identity of the fitted classes: a digest of both centroid files (label records it per group)."""
+    h = hashlib.sha1()
+    for rel in (THINGS_CENTROIDS, STUFF_CENTROIDS):
+        h.update(root.read_bytes(rel))
+    return h.hexdigest()[:16]

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from u2seg.errors import UserError
 from u2seg.io.retry import retry_transient
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ class RunRoot:
             raise RunRootError(f"run root {self.uri} is not writable: {type(exc).__name__}: {exc}") from exc
 
 
-class RunRootError(RuntimeError):
+class RunRootError(RuntimeError, UserError):
     """The run root cannot be reached or written."""
 
 

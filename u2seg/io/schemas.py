@@ -10,6 +10,7 @@ MANIFEST_SCHEMA = pa.schema([
     ("bytes", pa.int64()),
     ("width", pa.int32()),       # -1 when not probed at manifest time
     ("height", pa.int32()),
+    ("version", pa.string()),    # changes when the file changes (size + mtime, or the S3 ETag); "" if unknown
 ])
 
 RLE_TYPE = pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())])
@@ -39,6 +40,7 @@ IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("uri", pa.string()),
     ("status", pa.string()),                   # "ok" or "error" (details in extract/errors)
+    ("version", pa.string()),                  # the manifest version of the image this row was made from
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("n_masks", pa.int32()),

@@ -18,6 +18,7 @@ import pyarrow as pa
 from u2seg.config import U2SegConfig
 from u2seg.io import RunRoot, layout
 from u2seg.io.schemas import ASSIGNMENTS_SCHEMA
+from u2seg.pipeline.markers import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +95,42 @@ def run_cluster(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     import ray
 
     t0 = time.time()
-    things = _cluster_one(cfg, root, layout.MASKS, "descriptor", cfg.cluster.things_k, "things",
-                          layout.THINGS_CENTROIDS)
-    t1 = time.time()
-    stuff = _cluster_one(cfg, root, layout.PATCHES, "feature", cfg.cluster.stuff_k, "stuff", layout.STUFF_CENTROIDS)
-    t2 = time.time()
+    fitted = root.exists(layout.CLUSTER_FIT) and root.exists(layout.THINGS_CENTROIDS)
+    refit = cfg.cluster.refit == "always" or not fitted
     names = root.list(layout.MASKS, ".parquet")
+    if refit:
+        things = _cluster_one(cfg, root, layout.MASKS, "descriptor", cfg.cluster.things_k, "things",
+                              layout.THINGS_CENTROIDS)
+        t1 = time.time()
+        stuff = _cluster_one(cfg, root, layout.PATCHES, "feature", cfg.cluster.stuff_k, "stuff",
+                             layout.STUFF_CENTROIDS)
+        t2 = time.time()
+        root.write_json(layout.CLUSTER_SIZES, {"things": things["sizes"], "stuff": stuff["sizes"]})
+        root.write_json(layout.CLUSTER_FIT, {"centroids": layout.centroid_digest(root), "masks_parts": len(names),
+                                             "things": things["stats"], "stuff": stuff["stats"]})
+        todo = names
+    else:  # assign_new: the centroids stay, so existing pseudo-class ids never change under users
+        fit = root.read_json(layout.CLUSTER_FIT)
+        things, stuff = {"stats": fit["things"]}, {"stats": fit["stuff"]}
+        t1 = t2 = time.time()
+        done = set(root.list(layout.ASSIGNMENTS, ".parquet"))
+        todo = [n for n in names if n not in done]
+        log.info("cluster: keeping the centroids (cluster.refit=assign_new); %d of %d masks parts to assign",
+                 len(todo), len(names))
     for stale in set(root.list(layout.ASSIGNMENTS, ".parquet")) - set(names):
         root.remove(layout.part(layout.ASSIGNMENTS, stale))
-    ds = ray.data.from_items([{"name": n} for n in names]).map_batches(
-        AssignActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.cluster.num_shards,
-                                                                                     len(names)))),
-        num_cpus=1, fn_constructor_kwargs={"root": root, "spherical": cfg.cluster.spherical})
-    assigned = sum(int(r["masks"]) for r in ds.iter_rows())
+    assigned = 0
+    if todo:
+        ds = ray.data.from_items([{"name": n} for n in todo]).map_batches(
+            AssignActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.cluster.num_shards,
+                                                                                         len(todo)))),
+            num_cpus=1, fn_constructor_kwargs={"root": root, "spherical": cfg.cluster.spherical})
+        assigned = sum(int(r["masks"]) for r in ds.iter_rows())
     t3 = time.time()
-    root.write_json(layout.CLUSTER_SIZES, {"things": things["sizes"], "stuff": stuff["sizes"]})
-    log.info("cluster: things k=%d (%d masks), stuff k=%d; %d masks assigned",
-             things["stats"]["k"], things["stats"]["n_points"], stuff["stats"]["k"], assigned)
-    return {"things": things["stats"], "stuff": stuff["stats"], "masks_assigned": assigned,
-            "phase_seconds": {"things": round(t1 - t0, 3), "stuff": round(t2 - t1, 3),
-                              "assign": round(t3 - t2, 3)}}
+    log.info("cluster: things k=%d, stuff k=%d; %d masks assigned now", things["stats"]["k"], stuff["stats"]["k"],
+             assigned)
+    digest = root.read_json(layout.CLUSTER_FIT)["centroids"]
+    return {"things": things["stats"], "stuff": stuff["stats"], "refit": refit, "masks_assigned": assigned,
+            "parts_assigned": len(todo),
+            "phase_seconds": {"things": round(t1 - t0, 3), "stuff": round(t2 - t1, 3), "assign": round(t3 - t2, 3)},
+            "output_fingerprint": fingerprint(digest, names)}

@@ -12,6 +12,7 @@ import pickle
 import time
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -19,7 +20,14 @@ from u2seg.config import U2SegConfig, resolve_device
 from u2seg.io import RunRoot, layout
 from u2seg.io.schemas import ERRORS_SCHEMA
 from u2seg.pipeline.extract_actor import MaskCutActor, decode_batch
-from u2seg.pipeline.extract_commit import ledger_ids, remove_orphans, run_token, write_group
+from u2seg.pipeline.extract_commit import (
+    ManifestIndex,
+    ledger_ids,
+    reconcile_ledger,
+    remove_orphans,
+    run_token,
+    write_group,
+)
 from u2seg.pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -40,16 +48,19 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     if not manifest:
         raise FileNotFoundError(f"no manifest in {root.uri}: run `u2seg manifest` first")
     orphans = remove_orphans(root)
+    index = ManifestIndex.read(root)
+    reconciled = reconcile_ledger(root, index)
     done = ledger_ids(root)
-    total = layout.count_rows(root, layout.MANIFEST)
-    todo = total - len(done)
-    log.info("extract: %d images in the manifest, %d already done, %d orphan parts removed",
-             total, len(done), orphans)
+    total = len(index.ids)
+    todo = index.missing(layout.id_array(done))
+    log.info("extract: %d images in the manifest, %d already done, %d to do; %d departed or changed, %d orphan "
+             "parts removed", total, total - todo, todo, reconciled["departed"],
+             orphans + reconciled["orphans_removed"])
     t0 = time.time()
     sums: dict[str, float] = {"images": 0, "errors": 0, "masks": 0, "write_s": 0.0}
     timings: dict[str, float] = {}
     if todo > 0:
-        ds = ray.data.read_parquet(manifest, filesystem=root.pyarrow_fs(), columns=["image_id", "uri"])
+        ds = ray.data.read_parquet(manifest, filesystem=root.pyarrow_fs(), columns=["image_id", "uri", "version"])
         if len(done):
             ds = ds.map_batches(_filter_done, batch_format="pyarrow", fn_kwargs={"done": done})
         # Small manifest rows make one read block of a whole manifest; split it so an actor task (the unit
@@ -73,16 +84,22 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
                 for k, v in pickle.loads(row["timings"]).items():
                     timings[k] = timings.get(k, 0.0) + v
                 bar.update(int(row["images"]))
-    n_ledger = len(ledger_ids(root))
+    ledger = layout.id_array(ledger_ids(root))
+    n_ledger = len(ledger)
     errors = root.read_parquet(layout.ERRORS, columns=["image_id"], schema=ERRORS_SCHEMA).num_rows
     wall = time.time() - t0
     stats = {"manifest_images": total, "processed_now": int(sums["images"]), "ledger_images": n_ledger,
-             "errors": errors, "masks_now": int(sums["masks"]), "orphans_removed": orphans,
+             "errors": errors, "masks_now": int(sums["masks"]),
+             "orphans_removed": orphans + reconciled["orphans_removed"], "departed": reconciled["departed"],
+             "groups_rewritten": reconciled["groups_rewritten"],
              "images_per_s": round(sums["images"] / wall, 3) if wall > 0 else None,
              "phase_seconds": {**{k: round(v, 3) for k, v in timings.items()},
                                "write": round(sums["write_s"], 3)}}
-    if n_ledger != total:
-        raise RuntimeError(f"extract: ledger holds {n_ledger} images but the manifest has {total}")
+    if n_ledger != total or not np.array_equal(np.sort(ledger), index.ids):
+        extra = int((~np.isin(ledger, index.ids)).sum())
+        raise RuntimeError(f"extract: the ledger ({n_ledger} images) does not equal the manifest ({total}): "
+                           f"{extra} ledger image(s) not in the manifest, {index.missing(ledger)} manifest image(s) "
+                           "not in the ledger")
     if total and errors / total > cfg.run.max_error_fraction:
         raise RuntimeError(f"extract: {errors}/{total} images failed, above run.max_error_fraction="
                            f"{cfg.run.max_error_fraction}; see extract/errors in {root.uri}")

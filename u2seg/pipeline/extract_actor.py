@@ -24,11 +24,12 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
     from u2seg.io.images import decode_image
 
     n = len(batch["uri"])
-    out: dict[str, list] = {k: [] for k in ("image_id", "uri", "ok", "error_class", "message", "image")}
+    out: dict[str, list] = {k: [] for k in ("image_id", "uri", "version", "ok", "error_class", "message", "image")}
     for i in range(n):
         uri = str(batch["uri"][i])
         out["image_id"].append(str(batch["image_id"][i]))
         out["uri"].append(uri)
+        out["version"].append(str(batch["version"][i]))
         try:
             out["image"].append(decode_image(read_input(uri, storage_options, retry_s)))
             out["ok"].append(True)
@@ -70,9 +71,13 @@ class MaskCutActor:
 
 
 def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, device: Any) -> dict[str, np.ndarray]:
-    """Backbone + MaskCut on the decodable images of a batch; failed images pass through as errors."""
+    """Backbone + MaskCut on the decodable images of a batch; images that failed to decode pass through as
+    errors. A failing model call is split down to single images (``batch_retry.call_per_item``): only an
+    image failing alone with an error of its own becomes an error row; out-of-memory and device errors are
+    retried and then fail the task."""
     from u2seg.features.pooling import sample_grid_cells
     from u2seg.maskcut.process import image_seed, process_batch
+    from u2seg.pipeline.batch_retry import ItemFailure, call_per_item
 
     extract_cfg = cfg.extract
     n = len(batch["uri"])
@@ -81,18 +86,18 @@ def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, 
     msg = [str(x) for x in batch["message"]]
     ok_idx = [i for i in range(n) if ok[i]]
     images = [batch["image"][i] for i in ok_idx]
+    def model_call(imgs: list[np.ndarray]) -> list[Any]:
+        return process_batch(model, imgs, image_size=extract_cfg.image_size, tau=extract_cfg.tau,
+                             n_masks=extract_cfg.n_masks, solver=extract_cfg.solver, refine=extract_cfg.refine,
+                             patches_per_image=0, amp=extract_cfg.amp, seed=cfg.run.seed,
+                             stuff=(extract_cfg.stuff_grid, extract_cfg.stuff_dim))
+
     results: dict[int, Any] = {}
-    if images:
-        try:
-            out = process_batch(model, images, image_size=extract_cfg.image_size, tau=extract_cfg.tau,
-                                n_masks=extract_cfg.n_masks, solver=extract_cfg.solver, refine=extract_cfg.refine,
-                                patches_per_image=0, amp=extract_cfg.amp, seed=cfg.run.seed,
-                                stuff=(extract_cfg.stuff_grid, extract_cfg.stuff_dim))
-            results = dict(zip(ok_idx, out, strict=True))
-        except Exception as exc:  # a batch-level failure (e.g. OOM) becomes per-image errors, not a crash
-            log.exception("extract: batch of %d failed in the model", len(images))
-            for i in ok_idx:
-                ok[i], err[i], msg[i] = False, type(exc).__name__, f"model failure: {exc}"[:2000]
+    for i, out in zip(ok_idx, call_per_item(model_call, images, what="extract model"), strict=True):
+        if isinstance(out, ItemFailure):
+            ok[i], err[i], msg[i] = False, out.error_class, f"model failure: {out.error}"[:2000]
+        else:
+            results[i] = out
     payload = []
     for i in range(n):
         r = results.get(i)
@@ -106,6 +111,6 @@ def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, 
             "height": r.height, "width": r.width, "masks": r.masks, "timings": r.timings,
             "stuff_grid": grid.numpy(), "patches": (feats.numpy(), rows.numpy(), cols.numpy()),
         }, protocol=5))
-    return {"image_id": batch["image_id"], "uri": batch["uri"], "ok": np.array(ok),
+    return {"image_id": batch["image_id"], "uri": batch["uri"], "version": batch["version"], "ok": np.array(ok),
             "error_class": np.array(err, dtype=object), "message": np.array(msg, dtype=object),
             "result": np.array(payload, dtype=object)}

@@ -8,8 +8,12 @@ deleted when the stage starts. A run token in ``extract/_STARTED`` fences late w
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import pickle
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +25,7 @@ from u2seg.io.schemas import ERRORS_SCHEMA, IMAGES_SCHEMA, MASKS_SCHEMA, PATCHES
 _TABLE_SCHEMAS = ((layout.MASKS, "masks", MASKS_SCHEMA), (layout.PATCHES, "patches", PATCHES_SCHEMA),
                   (layout.ERRORS, "errors", ERRORS_SCHEMA))
 STARTED = layout.marker("extract", layout.STARTED)
+log = logging.getLogger(__name__)
 
 
 class StaleWriterError(RuntimeError):
@@ -43,6 +48,65 @@ def remove_orphans(root: RunRoot) -> int:
                 root.remove(layout.part(folder, name))
                 n += 1
     return n
+
+
+def row_keys(ids: Sequence[str], versions: Sequence[str]) -> np.ndarray:
+    """One 64-bit key per (image_id, version): the identity of an image *as it was listed*."""
+    return np.array([int.from_bytes(hashlib.blake2b(f"{i}\t{v}".encode(), digest_size=8).digest(), "big")
+                     for i, v in zip(ids, versions, strict=True)], dtype=np.uint64)
+
+
+@dataclass
+class ManifestIndex:
+    """The manifest's ids and (id, version) keys, sorted: 24 bytes per image on the driver."""
+
+    ids: np.ndarray  # S16, sorted
+    keys: np.ndarray  # uint64, sorted
+
+    @classmethod
+    def read(cls, root: RunRoot) -> ManifestIndex:
+        ids, keys = [], []
+        for name in root.list(layout.MANIFEST, ".parquet"):
+            t = root.read_part(layout.part(layout.MANIFEST, name), ["image_id", "version"])
+            ids.append(layout.id_array(t.column("image_id")))
+            keys.append(row_keys(t.column("image_id").to_pylist(), t.column("version").to_pylist()))
+        return cls(np.sort(np.concatenate(ids)) if ids else np.zeros(0, "S16"),
+                   np.sort(np.concatenate(keys)) if keys else np.zeros(0, np.uint64))
+
+    def missing(self, done_ids: np.ndarray) -> int:
+        """How many manifest images are not among ``done_ids``."""
+        return int(len(self.ids) - np.isin(self.ids, done_ids, assume_unique=True).sum())
+
+
+def reconcile_ledger(root: RunRoot, manifest: ManifestIndex) -> dict[str, int]:
+    """Take out of extract every image that left the manifest or changed since it was extracted.
+
+    A ledger group holding such images is rewritten without them under the name of its remaining ids
+    (every table's part first, the ledger part last), then the old ledger part is removed; its other parts
+    become orphans and go with :func:`remove_orphans`. Crash-safe: rerunning finds the old part again and
+    either finds its replacement (and only removes the old part) or writes it.
+    """
+    departed = rewritten = 0
+    for name in root.list(layout.LEDGER, ".parquet"):
+        ledger = root.read_part(layout.part(layout.LEDGER, name), ["image_id", "version"])
+        ids = ledger.column("image_id").to_pylist()
+        keep = np.isin(row_keys(ids, ledger.column("version").to_pylist()), manifest.keys)
+        if keep.all():
+            continue
+        departed += int((~keep).sum())
+        remaining = [i for i, k in zip(ids, keep, strict=True) if k]
+        if remaining:
+            new = layout.group_name(remaining)
+            if not root.exists(layout.part(layout.LEDGER, new)):
+                for folder in (*layout.EXTRACT_TABLES, layout.LEDGER):
+                    table = layout.read_part(root, layout.part(folder, name), image_ids=remaining)
+                    root.write_parquet(layout.part(folder, new), table)
+            rewritten += 1
+        root.remove(layout.part(layout.LEDGER, name))
+    if departed:
+        log.info("extract: %d image(s) left the manifest or changed; %d group(s) rewritten without them",
+                 departed, rewritten)
+    return {"departed": departed, "groups_rewritten": rewritten, "orphans_removed": remove_orphans(root)}
 
 
 def run_token(root: RunRoot) -> str | None:
@@ -93,13 +157,13 @@ def rows_for_tables(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     masks, patches, errors, images = [], [], [], []
     timings: dict[str, float] = {}
     for i in range(len(batch["image_id"])):
-        image_id, uri = str(batch["image_id"][i]), str(batch["uri"][i])
+        image_id, uri, version = str(batch["image_id"][i]), str(batch["uri"][i]), str(batch["version"][i])
         blob = batch["result"][i]
         if not batch["ok"][i] or not blob:
             errors.append({"image_id": image_id, "uri": uri, "stage": "extract",
                            "error_class": str(batch["error_class"][i]) or "Error", "message": str(batch["message"][i])})
-            images.append({"image_id": image_id, "uri": uri, "status": "error", "width": -1, "height": -1,
-                           "n_masks": 0, "grid_h": 0, "grid_w": 0, "stuff_grid": [], "stuff_dim": 0})
+            images.append({"image_id": image_id, "uri": uri, "status": "error", "version": version, "width": -1,
+                           "height": -1, "n_masks": 0, "grid_h": 0, "grid_w": 0, "stuff_grid": [], "stuff_dim": 0})
             continue
         r = pickle.loads(blob)
         for m in r["masks"]:
@@ -110,9 +174,9 @@ def rows_for_tables(batch: dict[str, np.ndarray]) -> dict[str, Any]:
         for f, rr, cc in zip(feats, rows, cols, strict=True):
             patches.append({"image_id": image_id, "feature": f, "row": int(rr), "col": int(cc)})
         grid = r["stuff_grid"]
-        images.append({"image_id": image_id, "uri": uri, "status": "ok", "width": r["width"], "height": r["height"],
-                       "n_masks": len(r["masks"]), "grid_h": grid.shape[0], "grid_w": grid.shape[1],
-                       "stuff_grid": grid.reshape(-1), "stuff_dim": grid.shape[2]})
+        images.append({"image_id": image_id, "uri": uri, "status": "ok", "version": version, "width": r["width"],
+                       "height": r["height"], "n_masks": len(r["masks"]), "grid_h": grid.shape[0],
+                       "grid_w": grid.shape[1], "stuff_grid": grid.reshape(-1), "stuff_dim": grid.shape[2]})
         for k, v in r["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
     return {"masks": masks, "patches": patches, "errors": errors, "images": images, "timings": timings}

@@ -22,8 +22,9 @@ from u2seg.pipeline.progress import Progress
 log = logging.getLogger(__name__)
 
 
-def label_group(name: str, root: RunRoot, label_cfg: LabelConfig) -> dict[str, Any]:
-    """Label every ok image of one extract group; write its PNGs, then its fragment. Returns counts."""
+def label_group(name: str, root: RunRoot, label_cfg: LabelConfig, inputs: str) -> dict[str, Any]:
+    """Label every ok image of extract group ``name`` (a ledger part); write its PNGs, then its fragment
+    (recording ``inputs``, the centroids' digest). Returns counts."""
     from u2seg.labels import decode_mask, panoptic_merge, stuff_map
 
     stuff_centroids = layout.load_npy(root, layout.STUFF_CENTROIDS)
@@ -42,6 +43,7 @@ def label_group(name: str, root: RunRoot, label_cfg: LabelConfig) -> dict[str, A
         for m in masks.to_pylist():
             m["cluster_id"] = classes[(m["image_id"], m["mask_id"])]
             by_image.setdefault(m["image_id"], []).append(m)
+    group = layout.group_stem(name)
     fragment = Fragment()
     n_segments = 0
     for img in images.to_pylist():
@@ -58,40 +60,47 @@ def label_group(name: str, root: RunRoot, label_cfg: LabelConfig) -> dict[str, A
                                 min_thing_area=label_cfg.min_thing_area)
         things = [s for s in result.segments_info if s["category_id"] <= k_things]
         fragment.add(*labels.write_image(
-            image_id, img["uri"], result.seg_ids, result.segments_info, semantic=result.semantic,
+            group, image_id, img["uri"], result.seg_ids, result.segments_info, semantic=result.semantic,
             thing_scores=[float(ms[result.thing_sources[s["id"]]]["score"]) for s in things],
             write_semantic=label_cfg.write_semantic))
         n_segments += len(result.segments_info)
-    labels.commit(name, fragment)
+    labels.commit(group, fragment, inputs)
     return {"images": len(fragment.images), "segments": n_segments, "instances": len(fragment.instances)}
 
 
 def run_label(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     import ray
 
-    groups = root.list(layout.LEDGER, ".parquet")
-    if not groups:
+    parts = root.list(layout.LEDGER, ".parquet")
+    if not parts:
         raise FileNotFoundError(f"no extract outputs in {root.uri}: run `u2seg extract` first")
     k_things, k_stuff = layout.class_counts(root)
     labels = LabelSet(root, layout.LABELS, k_things, k_stuff)
-    done = set(labels.groups())
-    todo = [g for g in groups if g not in done]
-    labels.remove_groups(sorted(done - set(groups)))
-    log.info("label: %d groups, %d already labelled", len(groups), len(groups) - len(todo))
+    inputs = layout.centroid_digest(root)
+    # a group stays labelled while its extract group exists and the centroids are the ones it was made with
+    current = {layout.group_stem(p): p for p in parts}
+    valid = {g for g, made_from in labels.group_inputs().items() if g in current and made_from == inputs}
+    stale = sorted(set(labels.groups()) - valid)
+    labels.remove_groups(stale)
+    todo = [p for g, p in sorted(current.items()) if g not in valid]
+    log.info("label: %d groups, %d still valid, %d to label, %d stale removed", len(parts), len(valid), len(todo),
+             len(stale))
     totals = {"segments": 0, "instances": 0}
     if todo:
         label_cfg = cfg.label
-        ds = ray.data.from_items([{"name": g} for g in todo]).map_batches(
-            lambda b: _label_batch(b, root, label_cfg), batch_size=1, num_cpus=1)
+        ds = ray.data.from_items([{"name": p} for p in todo]).map_batches(
+            lambda b: _label_batch(b, root, label_cfg, inputs), batch_size=1, num_cpus=1)
         with Progress(len(todo), "label", unit="group") as bar:
             for r in ds.iter_rows():
                 totals["segments"] += int(r["segments"])
                 totals["instances"] += int(r["instances"])
                 bar.update(1)
     merged = labels.merge("u2seg pseudo-labels")
-    return {**merged, "segments_now": totals["segments"], "k_things": k_things, "k_stuff": k_stuff}
+    return {**merged, "segments_now": totals["segments"], "groups_labelled": len(todo), "groups_removed": len(stale),
+            "k_things": k_things, "k_stuff": k_stuff}
 
 
-def _label_batch(batch: dict[str, np.ndarray], root: RunRoot, label_cfg: LabelConfig) -> dict[str, np.ndarray]:
-    rows = [label_group(str(n), root, label_cfg) for n in batch["name"]]
+def _label_batch(batch: dict[str, np.ndarray], root: RunRoot, label_cfg: LabelConfig,
+                 inputs: str) -> dict[str, np.ndarray]:
+    rows = [label_group(str(n), root, label_cfg, inputs) for n in batch["name"]]
     return {k: np.array([r[k] for r in rows]) for k in ("images", "segments", "instances")}

@@ -1,4 +1,4 @@
-"""The manifest stage: every input image as one row (image_id, uri, bytes, width, height).
+"""The manifest stage: every input image as one row (image_id, uri, bytes, width, height, version).
 
 Sources are split into sub-folders/sub-prefixes and listed by a thread pool (listing is I/O bound);
 each lister streams rows into its own Parquet parts of at most ``rows_per_part`` rows.
@@ -16,10 +16,11 @@ import numpy as np
 import pyarrow as pa
 
 from u2seg.config import ConfigError, U2SegConfig
+from u2seg.errors import InputsError
 from u2seg.io import RunRoot, layout
-from u2seg.io.images import image_id_for
-from u2seg.io.listing import is_list_file, iter_source, split_protocol, split_source
-from u2seg.io.schemas import MANIFEST_SCHEMA
+from u2seg.io.images import IMAGE_EXTENSIONS, image_id_for
+from u2seg.io.listing import ListStats, canonical_uri, iter_source, split_protocol, split_source
+from u2seg.io.schemas import ERRORS_SCHEMA, MANIFEST_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,17 @@ def _probe(uri: str, storage_options: dict[str, Any]) -> tuple[int, int]:
         return -1, -1
 
 
-def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str]) -> dict[str, int]:
-    """List one source spec into parts named after the spec's hash (deterministic, rerun overwrites)."""
+def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str], exclude: str | None
+              ) -> dict[str, Any]:
+    """List one source spec into parts named after the spec's hash (deterministic, rerun overwrites).
+
+    Links that cannot be followed go to ``manifest/errors`` under the same tag; what is skipped is counted.
+    """
     storage = cfg.run.storage.storage_options()
     tag = hashlib.sha1(spec.encode()).hexdigest()[:12]
     rows: dict[str, list] = {n: [] for n in MANIFEST_SCHEMA.names}
+    errors: list[dict[str, str]] = []
+    stats = ListStats()
     n_rows = n_parts = 0
 
     def flush() -> None:
@@ -60,18 +67,42 @@ def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str])
         for v in rows.values():
             v.clear()
 
-    for uri, size in iter_source(spec, storage, cfg.manifest.recursive):
-        w, h = _probe(uri, storage) if cfg.manifest.probe_sizes else (-1, -1)
-        rows["image_id"].append(image_id_for(uri))
-        rows["uri"].append(uri)
-        rows["bytes"].append(size)
+    for entry in iter_source(spec, storage, cfg.manifest.recursive, exclude=exclude, stats=stats):
+        if entry.error:
+            errors.append({"image_id": image_id_for(entry.uri), "uri": entry.uri, "stage": "manifest",
+                           "error_class": entry.error, "message": entry.message})
+            log.warning("manifest: %s", entry.message)
+            continue
+        w, h = _probe(entry.uri, storage) if cfg.manifest.probe_sizes else (-1, -1)
+        rows["image_id"].append(image_id_for(entry.uri))
+        rows["uri"].append(entry.uri)
+        rows["bytes"].append(entry.size)
         rows["width"].append(w)
         rows["height"].append(h)
+        rows["version"].append(entry.version)
         n_rows += 1
         if len(rows["uri"]) >= cfg.manifest.rows_per_part:
             flush()
     flush()
-    return {"rows": n_rows, "parts": n_parts}
+    errors_rel = layout.part(layout.MANIFEST_ERRORS, f"part-{tag}.parquet")
+    if errors:
+        root.write_parquet(errors_rel, pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+    else:
+        root.remove(errors_rel)
+    return {"rows": n_rows, "parts": n_parts, "errors": errors, "skips": stats, "errors_part": errors_rel}
+
+
+def manifest_fingerprint(root: RunRoot) -> str:
+    """What the manifest lists, whatever its part layout: the row count and an order-free sum of row hashes
+    of (image_id, version), so an added, removed or changed image changes it."""
+    total, count = 0, 0
+    for name in root.list(layout.MANIFEST, ".parquet"):
+        table = root.read_part(layout.part(layout.MANIFEST, name), ["image_id", "version"])
+        for image_id, version in zip(table.column("image_id").to_pylist(), table.column("version").to_pylist(),
+                                     strict=True):
+            total += int.from_bytes(hashlib.sha1(f"{image_id}\t{version}".encode()).digest()[:16], "big")
+        count += table.num_rows
+    return f"{count}-{total % (1 << 128):032x}"
 
 
 def _check_inputs(inputs: list[str]) -> None:
@@ -94,9 +125,7 @@ def first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     """
     if len(ids) == 0:
         return np.zeros(0, dtype=bool)
-    fixed = ids.cast(pa.binary(16))
-    fixed = fixed.combine_chunks() if isinstance(fixed, pa.ChunkedArray) else fixed
-    values = np.frombuffer(fixed.buffers()[1], dtype="S16")[fixed.offset: fixed.offset + len(fixed)]
+    values = layout.id_array(ids)
     _, first = np.unique(values, return_index=True)
     keep = np.zeros(len(values), dtype=bool)
     keep[first] = True
@@ -105,8 +134,8 @@ def first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
 
 def drop_duplicate_images(root: RunRoot, parts: list[str]) -> int:
     """Keep the first row of every image_id (parts in name order, rows in order); rewrite parts that held
-    later copies. Only list files can repeat an image (folders and prefixes cannot nest), so this pass runs
-    only when a list file is among the inputs. Returns how many rows were dropped."""
+    later copies (an image in two list files, a list file and a folder, or a symlink beside its target).
+    Returns how many rows were dropped."""
     parts = sorted(parts)
     columns = [root.read_part(layout.part(layout.MANIFEST, name), ["image_id"]).column("image_id") for name in parts]
     keep = first_occurrences(pa.chunked_array([c for col in columns for c in col.chunks], pa.string()))
@@ -128,29 +157,47 @@ def drop_duplicate_images(root: RunRoot, parts: list[str]) -> int:
     return dropped
 
 
+def _run_root_to_exclude(root: RunRoot) -> str:
+    """The run root as listings see paths: a canonical local path, or ``bucket/prefix``."""
+    return canonical_uri(root.uri) if root.is_local else root.path()
+
+
 def run_manifest(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     """List every source into ``manifest/*.parquet``; stale parts of an earlier run are removed."""
     _check_inputs(cfg.manifest.inputs)
     t0 = time.time()
     storage = cfg.run.storage.storage_options()
+    exclude = _run_root_to_exclude(root)
     specs: list[str] = []
     for uri in cfg.manifest.inputs:
-        specs.extend(split_source(uri, storage, cfg.manifest.recursive))
+        specs.extend(split_source(uri, storage, cfg.manifest.recursive, exclude))
     log.info("manifest: listing %d source(s) as %d stream(s)", len(cfg.manifest.inputs), len(specs))
     written: list[str] = []
     with ThreadPoolExecutor(max_workers=cfg.manifest.list_concurrency) as pool:
-        results = list(pool.map(lambda s: _list_one(s, cfg, root, written), specs))
+        results = list(pool.map(lambda s: _list_one(s, cfg, root, written, exclude), specs))
     for stale in set(root.list(layout.MANIFEST, ".parquet")) - set(written):
         root.remove(layout.part(layout.MANIFEST, stale))
-    dropped = 0
-    if any(is_list_file(u) for u in cfg.manifest.inputs):
-        dropped = drop_duplicate_images(root, written)
-        written = root.list(layout.MANIFEST, ".parquet")
+    kept_errors = {r["errors_part"].rsplit("/", 1)[1] for r in results if r["errors"]}
+    for stale in set(root.list(layout.MANIFEST_ERRORS, ".parquet")) - kept_errors:
+        root.remove(layout.part(layout.MANIFEST_ERRORS, stale))
+    # an image reachable twice (listed twice, or a symlink beside its target) is kept once
+    dropped = drop_duplicate_images(root, written)
+    written = root.list(layout.MANIFEST, ".parquet")
     n = sum(r["rows"] for r in results) - dropped
+    skips = ListStats()
+    for r in results:
+        skips.merge(r["skips"])
+    link_errors: dict[str, int] = {}
+    for r in results:
+        for e in r["errors"]:
+            link_errors[e["error_class"]] = link_errors.get(e["error_class"], 0) + 1
     if n == 0:
-        raise ValueError(f"manifest: no images found under {cfg.manifest.inputs} "
-                         f"(accepted suffixes: .jpg .jpeg .png .bmp .tif .tiff .webp)")
+        raise InputsError(f"manifest: no images found under {cfg.manifest.inputs} (accepted suffixes: "
+                          f"{', '.join(IMAGE_EXTENSIONS)}; skipped: {skips.to_dict()})")
+    fingerprint = manifest_fingerprint(root)
     stats = {"images": n, "parts": len(written), "streams": len(specs), "duplicates_dropped": dropped,
-             "seconds": round(time.time() - t0, 3)}
-    log.info("manifest: %d images in %d parts (%.1fs)", n, len(written), stats["seconds"])
+             "link_errors": link_errors, **skips.to_dict(), "seconds": round(time.time() - t0, 3),
+             "output_fingerprint": fingerprint}
+    log.info("manifest: %d images in %d parts (%.1fs); skipped %s", n, len(written), stats["seconds"],
+             skips.to_dict())
     return stats

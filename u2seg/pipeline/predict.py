@@ -45,11 +45,12 @@ class PredictActor:
         images = [read_image(u, self.storage_options, self.retry_s) for u in uris]
         with torch.no_grad():
             preds = predict(self.model, images, batch_size=len(images))
+        group = layout.group_stem(layout.group_name(ids))
         fragment = Fragment()
         for image_id, uri, p in zip(ids, uris, preds, strict=True):
             scores = {int(s["id"]): float(s["score"]) for s in p.segments_info if "score" in s}
-            fragment.add(*self.labels.write_image(image_id, uri, p.panoptic, p.segments_info, scores=scores))
-        self.labels.commit(layout.group_stem(layout.group_name(ids)), fragment)
+            fragment.add(*self.labels.write_image(group, image_id, uri, p.panoptic, p.segments_info, scores=scores))
+        self.labels.commit(group, fragment)
         return {"images": np.array([len(ids)]), "instances": np.array([len(fragment.instances)])}
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from u2seg.config import U2SegConfig
 from u2seg.evaluate.summary import format_value, metric_rows
+from u2seg.pipeline.lease import hold_lease
 from u2seg.pipeline.run_stage import open_root, run_stage
 from u2seg.pipeline.stages import EVALUATION_STAGES, PIPELINE
 
@@ -25,15 +26,19 @@ def has_ground_truth(cfg: U2SegConfig) -> bool:
     return bool(cfg.evaluate.gt_panoptic_json)
 
 
-def run_pipeline(cfg: U2SegConfig, *, force: bool = False, stages: Sequence[str] = PIPELINE) -> dict[str, Any]:
-    """Run ``stages`` in order; return (and print) a summary with counts, timings and metrics."""
+def run_pipeline(cfg: U2SegConfig, *, force: bool = False, stages: Sequence[str] = PIPELINE,
+                 wait_for_lease_s: float = 0.0) -> dict[str, Any]:
+    """Run ``stages`` in order under one lease of the run root; return (and print) a summary."""
     t0 = time.time()
-    summary: dict[str, Any] = {"run_root": open_root(cfg).uri, "stages": {}}
-    for name in stages:
-        if name in EVALUATION_STAGES and not has_ground_truth(cfg):
-            log.info("%s: no ground truth configured (evaluate.gt_panoptic_json), skipped", name)
-            continue
-        summary["stages"][name] = run_stage(name, cfg, force=force)
+    root = open_root(cfg)
+    root.ensure_writable()
+    summary: dict[str, Any] = {"run_root": root.uri, "stages": {}}
+    with hold_lease(root, cfg.run.lease_s, "u2seg pipeline", wait_s=wait_for_lease_s):
+        for name in stages:
+            if name in EVALUATION_STAGES and not has_ground_truth(cfg):
+                log.info("%s: no ground truth configured (evaluate.gt_panoptic_json), skipped", name)
+                continue
+            summary["stages"][name] = run_stage(name, cfg, force=force)
     summary["wall_s"] = round(time.time() - t0, 1)
     log.info("pipeline: %d stage(s) in %.1fs; summary below", len(summary["stages"]), summary["wall_s"])
     print(format_summary(summary), flush=True)  # stdout, once: the table is the run's result
@@ -46,6 +51,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     for name, st in summary["stages"].items():
         wall = "skipped" if st.get("skipped") else f"{st.get('wall_s', 0):.1f}s"
         desc = ", ".join(f"{k}={format_value(st[k])}" for k in _RESULT_KEYS if k in st)
+        if not st.get("skipped") and st.get("reason"):
+            desc += f"  ({st['reason']})"
         lines.append(f"{name:<16}{wall:>9}  {desc}")
     rows = [(_METRIC_LABELS[n], st) for n, st in summary["stages"].items() if n in _METRIC_LABELS]
     if rows:

@@ -43,7 +43,7 @@ def build_round_labels(cfg: U2SegConfig, root: RunRoot, r: int) -> dict[str, Any
                 k_stuff=k_stuff, score_threshold=cfg.train.score_threshold, dedup_iou=cfg.train.dedup_iou,
                 min_stuff_area=cfg.label.min_stuff_area, min_thing_area=cfg.label.min_thing_area)
             added_total += added
-            merged.add(*out.write_image(image_id, img["uri"], result.seg_ids, result.segments_info,
+            merged.add(*out.write_image(group, image_id, img["uri"], result.seg_ids, result.segments_info,
                                         semantic=result.semantic))
         out.commit(group, merged)
     counts = out.merge(f"u2seg self-training labels, round {r}")

@@ -28,9 +28,15 @@ class Stage:
     folder: the stage's own run-root folder; its markers (_STARTED, stats.json, _SUCCESS) live there.
     outputs: every run-root path (folder or file) the stage owns.
     sections: the config sections its hash covers (its own and every upstream section).
-    replace: "reset" — outputs made with another config are removed before the stage runs (the stage
-        then resumes from its own partial outputs); "when_done" — the stage replaces its outputs itself,
-        and only once the new ones are complete, so a failed rerun leaves the previous results intact.
+    upstream: the stages whose outputs it reads; its marker records their output fingerprints, and it is
+        stale when one of them changes.
+    replace: "reset" — outputs made with another config (or, unless ``incremental``, from other upstream
+        outputs) are removed before the stage runs; with the same ones it resumes from its own partial
+        outputs. "when_done" — the stage replaces its outputs itself, and only once the new ones are
+        complete, so a failed rerun leaves the previous results intact.
+    incremental: an upstream change does not reset the stage: it reconciles its outputs with its inputs
+        itself (extract processes exactly the new images and drops departed ones; label relabels exactly
+        the groups whose inputs changed).
     keep_across: config keys whose change does not reset a "reset" stage's outputs: the stage itself
         keeps what is still valid (train keeps finished rounds when only train.rounds changes).
     """
@@ -39,14 +45,19 @@ class Stage:
     folder: str
     outputs: tuple[str, ...]
     sections: tuple[str, ...]
+    upstream: tuple[str, ...]
     function: str  # "module:function", called as function(cfg, root) -> stats
     needs_ray: bool
     replace: Literal["reset", "when_done"]
     summary: str
+    incremental: bool = False
     keep_across: tuple[str, ...] = ()
 
     def config_hash(self, cfg: U2SegConfig) -> str:
         return cfg.section_hash(self.sections, exclude=SELECTOR_KEYS)
+
+    def config_values(self, cfg: U2SegConfig) -> dict[str, Any]:
+        return cfg.section_values(self.sections, exclude=SELECTOR_KEYS)
 
     def reset_hash(self, cfg: U2SegConfig) -> str:
         """The hash whose change removes the stage's outputs before it runs (see ``keep_across``)."""
@@ -63,30 +74,31 @@ class Stage:
 _UP_TO_LABEL = ("manifest", "extract", "cluster", "label")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("manifest", layout.MANIFEST, (layout.MANIFEST,), ("manifest",),
+    Stage("manifest", layout.MANIFEST, (layout.MANIFEST,), ("manifest",), (),
           "u2seg.pipeline.manifest:run_manifest", False, "reset",
-          "list every input image into manifest/*.parquet"),
-    Stage("extract", "extract", ("extract",), ("manifest", "extract"),
+          "list every input image into manifest/*.parquet (relisted on every run: manifest.refresh)"),
+    Stage("extract", "extract", ("extract",), ("manifest", "extract"), ("manifest",),
           "u2seg.pipeline.extract:run_extract", True, "reset",
-          "backbone features and MaskCut masks per image (Ray Data actor pool)"),
-    Stage("cluster", "cluster", ("cluster",), ("manifest", "extract", "cluster"),
+          "backbone features and MaskCut masks per image (Ray Data actor pool)", incremental=True),
+    Stage("cluster", "cluster", ("cluster",), ("manifest", "extract", "cluster"), ("extract",),
           "u2seg.pipeline.cluster:run_cluster", True, "reset",
-          "k-means of mask descriptors (things) and patch features (stuff); every mask's class"),
-    Stage("label", layout.LABELS, (layout.LABELS,), _UP_TO_LABEL,
+          "k-means of mask descriptors (things) and patch features (stuff); every mask's class",
+          incremental=True),
+    Stage("label", layout.LABELS, (layout.LABELS,), _UP_TO_LABEL, ("extract", "cluster"),
           "u2seg.pipeline.label:run_label", True, "reset",
-          "panoptic, instance and semantic pseudo-labels (COCO / COCO panoptic)"),
-    Stage("train", layout.TRAIN, (layout.TRAIN, layout.SELFTRAIN), (*_UP_TO_LABEL, "train"),
+          "panoptic, instance and semantic pseudo-labels (COCO / COCO panoptic)", incremental=True),
+    Stage("train", layout.TRAIN, (layout.TRAIN, layout.SELFTRAIN), (*_UP_TO_LABEL, "train"), ("label",),
           "u2seg.pipeline.train:run_train", True, "reset",
           "train the model on the pseudo-labels, then train.rounds self-training rounds (Ray Train)",
           keep_across=("train.rounds",)),
-    Stage("predict", layout.PREDICT, (layout.PREDICT,), (*_UP_TO_LABEL, "train"),
+    Stage("predict", layout.PREDICT, (layout.PREDICT,), (*_UP_TO_LABEL, "train"), ("train", "extract"),
           "u2seg.pipeline.predict:run_predict", True, "reset",
           "the trained model's predictions on the extracted images, in the label format"),
-    Stage("evaluate", layout.EVAL_LABELS, (layout.EVAL_LABELS,), (*_UP_TO_LABEL, "evaluate"),
+    Stage("evaluate", layout.EVAL_LABELS, (layout.EVAL_LABELS,), (*_UP_TO_LABEL, "evaluate"), ("label",),
           "u2seg.pipeline.evaluate:run_evaluate_labels", False, "when_done",
           "score the pseudo-labels against a labeled set into eval/labels/"),
     Stage("evaluate_model", layout.EVAL_MODEL, (layout.EVAL_MODEL,), (*_UP_TO_LABEL, "train", "evaluate"),
-          "u2seg.pipeline.evaluate:run_evaluate_model", False, "when_done",
+          ("predict",), "u2seg.pipeline.evaluate:run_evaluate_model", False, "when_done",
           "score the trained model's predictions against a labeled set into eval/model/"),
 )
 

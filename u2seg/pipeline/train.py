@@ -15,12 +15,14 @@ import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from u2seg.config import U2SegConfig, config_from_dict
 from u2seg.io import RunRoot, layout
 from u2seg.io.labelset import LabelSet
-from u2seg.pipeline.train_data import label_set_rows, load_samples
+from u2seg.pipeline.train_data import batch_indices, label_set_rows, load_rows
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +118,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=True)
         net = _DDPStep(ddp, model)
     scaler = torch.amp.GradScaler("cuda") if use_cuda and mcfg.amp == "fp16" else None
-    gen = torch.Generator().manual_seed(cfg.run.seed * 1000 + rank * 7919 + step)
     aug = augment_config(cfg)
-    shard = ray.train.get_dataset_shard("train")
+    rows = ray.get(config["rows"])
     history: list[dict[str, Any]] = []
     start_step, t0, cpu0 = step, time.time(), time.process_time()
     recorded_upto = start_step  # metrics.jsonl rows up to this step belong to the curve
-    while step < train_cfg.steps:
-        for batch in shard.iter_batches(batch_size=train_cfg.batch_size, batch_format="numpy"):
-            samples = [targets_from_labels(img, seg, json.loads(str(segs)), config["k_things"])
-                       for img, seg, segs in zip(batch["image"], batch["seg"], batch["segments"], strict=True)]
+    load = partial(load_rows, root=config["root"], max_side=train_cfg.image_size,
+                   storage_options=cfg.run.storage.storage_options(), retry_s=cfg.run.storage.retry_s)
+    plan = partial(batch_indices, n_rows=len(rows), batch_size=train_cfg.batch_size, rank=rank, world=world,
+                   seed=cfg.run.seed)
+    with ThreadPoolExecutor(max_workers=1) as prefetch:  # the next batch decodes while this one trains
+        upcoming = prefetch.submit(load, [rows[i] for i in plan(step)])
+        while step < train_cfg.steps:
+            batch = upcoming.result()
+            if step + 1 < train_cfg.steps:
+                upcoming = prefetch.submit(load, [rows[i] for i in plan(step + 1)])
+            samples = [targets_from_labels(img, seg, segs, config["k_things"]) for img, seg, segs in batch]
             samples = [s for s in samples if len(s["boxes"])] or samples
+            # one generator per (seed, rank, step): augmentation does not depend on where a run resumed
+            gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank * 7919 + step)
             losses = train_step(net, optimizer, augment_batch(samples, aug, gen), scaler, max_grad_norm=1.0)
             step += 1
             elapsed = time.time() - t0  # this attempt's own steps only: a resumed run starts at start_step
@@ -146,8 +156,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             fh.write(model_to_bytes(model, optimizer=optimizer, extra={"step": step}))
                         ckpt_obj = ray.train.Checkpoint.from_directory(d)
                     ray.train.report(metrics, checkpoint=ckpt_obj)
-            if last:
-                break
     if rank == 0:
         root: RunRoot = config["root"]
         root.write_bytes(config["model_rel"], model_to_bytes(model, extra={"step": step}))
@@ -163,10 +171,6 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
     k_things, k_stuff = layout.class_counts(root)
     label_dir = layout.round_labels(round_idx)
     rows = label_set_rows(LabelSet(root, label_dir, k_things, k_stuff))
-    ds = ray.data.from_items(rows).map_batches(
-        load_samples, batch_size=max(1, train_cfg.batch_size), num_cpus=1,
-        fn_kwargs={"root": root, "max_side": train_cfg.image_size,
-                   "storage_options": cfg.run.storage.storage_options(), "retry_s": cfg.run.storage.retry_s})
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = train_cfg.use_gpu == "yes" or (train_cfg.use_gpu == "auto" and gpus >= train_cfg.num_workers)
     name = layout.round_name(round_idx)
@@ -180,11 +184,10 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "k_things": k_things, "k_stuff": k_stuff, "root": root,
-                           "use_gpu": use_gpu, "metrics_rel": layout.round_metrics(round_idx),
+                           "rows": ray.put(rows), "use_gpu": use_gpu, "metrics_rel": layout.round_metrics(round_idx),
                            "model_rel": layout.round_model(round_idx), "cpu_threads": 1, "init_model_rel": init},
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu else {"CPU": 1}),
-        datasets={"train": ds},
         run_config=run_config,
     )
     t0 = time.time()
