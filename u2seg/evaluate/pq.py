@@ -23,8 +23,10 @@ Pseudo categories: with `mapping` (pred category -> gt category), prediction cat
 remapped first. Unmapped categories become void (they belong to no gt category, so no category can be
 charged a false positive; `diagnostics` reports how many such segments there were and how many
 would have been false positives). After a many-to-one mapping several segments of one image may
-share a category: stuff segments of one category are merged into one (a stuff class has one
-segment per image), thing segments stay separate instances.
+share a category: by default stuff segments of one category are merged into one (a stuff class has
+one segment per image), thing segments stay separate instances. `merge_stuff=False` keeps stuff
+segments apart too, as U2Seg's evaluation does (it relabels segments and hands them to panopticapi
+unmerged: at most one of them can match, the others are false positives unless mostly on void).
 """
 
 from __future__ import annotations
@@ -111,8 +113,8 @@ def _overlaps(gt_ids: np.ndarray, pred_ids: np.ndarray) -> dict[tuple[int, int],
     return {divmod(k, int(_OFFSET)): c for k, c in zip(keys.tolist(), cnt.tolist(), strict=True)}
 
 
-def _remap(pred: PanopticImage, mapping: Mapping[int, int] | None,
-           categories: Mapping[int, Mapping]) -> tuple[dict[int, int], dict[int, int], list[int]]:
+def _remap(pred: PanopticImage, mapping: Mapping[int, int] | None, categories: Mapping[int, Mapping],
+           merge_stuff: bool = True) -> tuple[dict[int, int], dict[int, int], list[int]]:
     """Return (pred segment id -> output segment id, output id -> category, unmapped segment ids)."""
     seg_to_out: dict[int, int] = {}
     out_cat: dict[int, int] = {}
@@ -128,7 +130,7 @@ def _remap(pred: PanopticImage, mapping: Mapping[int, int] | None,
         if cat not in categories:
             raise ValueError(f"prediction segment {sid} has category {cat}, unknown to the ground truth"
                              + ("" if mapping is None else " (after mapping)"))
-        if mapping is not None and not categories[cat].get("isthing", 0):
+        if mapping is not None and merge_stuff and not categories[cat].get("isthing", 0):
             seg_to_out[sid] = stuff_first.setdefault(cat, sid)
         else:
             seg_to_out[sid] = sid
@@ -137,11 +139,11 @@ def _remap(pred: PanopticImage, mapping: Mapping[int, int] | None,
 
 
 def image_pq_stats(gt: PanopticImage, pred: PanopticImage, categories: Mapping[int, Mapping],
-                   mapping: Mapping[int, int] | None = None) -> PQStats:
+                   mapping: Mapping[int, int] | None = None, merge_stuff: bool = True) -> PQStats:
     """PQ counts for one image (see module doc for the rules)."""
     stats = PQStats(images=1)
     raw = _overlaps(gt.ids, pred.ids)
-    seg_to_out, pred_cat, unmapped = _remap(pred, mapping, categories)
+    seg_to_out, pred_cat, unmapped = _remap(pred, mapping, categories, merge_stuff)
     known = set(seg_to_out) | set(unmapped)
     stray = {p for _, p in raw} - known - {VOID}
     if stray:
@@ -237,12 +239,12 @@ def summarize(stats: PQStats, categories: Iterable[Mapping] | Mapping[int, Mappi
 
 def pq_from_arrays(pairs: Iterable[tuple[PanopticImage, PanopticImage]], *,
                    categories: Iterable[Mapping] | Mapping[int, Mapping],
-                   mapping: Mapping[int, int] | None = None) -> dict:
+                   mapping: Mapping[int, int] | None = None, merge_stuff: bool = True) -> dict:
     """In-memory PQ over (gt, pred) pairs: the core that `panoptic_quality` runs per file."""
     cats = _as_categories(categories)
     stats = PQStats()
     for gt, pred in pairs:
-        stats.merge(image_pq_stats(gt, pred, cats, mapping))
+        stats.merge(image_pq_stats(gt, pred, cats, mapping, merge_stuff))
     return summarize(stats, cats)
 
 
@@ -271,7 +273,7 @@ def _join(folder: str, name: str) -> str:
 
 def _chunk_stats(tasks: Sequence[tuple[dict, dict | None]], gt_dir: str, pred_dir: str,
                  categories: dict[int, dict], mapping: dict[int, int] | None,
-                 storage_options: dict | None) -> PQStats:
+                 storage_options: dict | None, merge_stuff: bool = True) -> PQStats:
     stats = PQStats()
     for gt_ann, pred_ann in tasks:
         gt_ids = read_panoptic_png(_join(gt_dir, gt_ann["file_name"]), storage_options)
@@ -283,7 +285,7 @@ def _chunk_stats(tasks: Sequence[tuple[dict, dict | None]], gt_dir: str, pred_di
             pred = PanopticImage(read_panoptic_png(_join(pred_dir, pred_ann["file_name"]), storage_options),
                                  pred_ann["segments_info"])
         try:
-            stats.merge(image_pq_stats(gt, pred, categories, mapping))
+            stats.merge(image_pq_stats(gt, pred, categories, mapping, merge_stuff))
         except ValueError as e:
             raise ValueError(f"image {gt_ann['image_id']}: {e}") from e
     return stats
@@ -292,11 +294,12 @@ def _chunk_stats(tasks: Sequence[tuple[dict, dict | None]], gt_dir: str, pred_di
 def panoptic_quality(gt_json: str | Mapping, pred_json: str | Mapping, gt_dir: str, pred_dir: str, *,
                      categories: Iterable[Mapping] | Mapping[int, Mapping] | None = None,
                      mapping: Mapping[int, int] | None = None, storage_options: Mapping | None = None,
-                     workers: int = 2) -> dict:
+                     workers: int = 2, merge_stuff: bool = True) -> dict:
     """PQ/SQ/RQ (values in [0, 1]) of COCO panoptic predictions; files by path or fsspec URI.
 
     `gt_json` / `pred_json` may also be already-loaded dicts. `categories` defaults to the gt JSON's.
     `workers` > 1 spreads images over that many processes (spawned: safe inside threaded hosts).
+    `merge_stuff=False` scores mapped stuff segments of one category apart, as U2Seg does (module doc).
     """
     gt = read_json(gt_json, storage_options) if isinstance(gt_json, str) else gt_json
     pr = read_json(pred_json, storage_options) if isinstance(pred_json, str) else pred_json
@@ -313,11 +316,12 @@ def panoptic_quality(gt_json: str | Mapping, pred_json: str | Mapping, gt_dir: s
     stats = PQStats()
     if workers <= 1 or len(chunks) <= 1:
         for ch in chunks:
-            stats.merge(_chunk_stats(ch, gt_dir, pred_dir, cats, mp, storage))
+            stats.merge(_chunk_stats(ch, gt_dir, pred_dir, cats, mp, storage, merge_stuff))
     else:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(chunks)), mp_context=ctx) as pool:
-            futures = [pool.submit(_chunk_stats, ch, gt_dir, pred_dir, cats, mp, storage) for ch in chunks]
+            futures = [pool.submit(_chunk_stats, ch, gt_dir, pred_dir, cats, mp, storage, merge_stuff)
+                       for ch in chunks]
             for fut in futures:  # merge in submission order: deterministic float sums
                 stats.merge(fut.result())
     result = summarize(stats, cats)
