@@ -12,6 +12,7 @@ from u2seg.labels.coco import (
 from u2seg.labels.masks import decode_mask, encode_rle, mask_area_bbox, segment_stats
 from u2seg.labels.merge import merge_coco_parts
 from u2seg.labels.panoptic import PanopticResult, panoptic_merge, semantic_from_panoptic, validate_panoptic
+from u2seg.labels.selftrain import selftrain_image
 from u2seg.labels.stuff import mode_filter, stuff_ids_from_features, stuff_map, upsample_nearest
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "panoptic_png_bytes",
     "pseudo_categories",
     "segment_stats",
+    "selftrain_image",
     "semantic_from_panoptic",
     "semantic_png_bytes",
     "stuff_ids_from_features",

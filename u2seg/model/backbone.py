@@ -156,14 +156,54 @@ def _freeze_cnn(body: nn.Module, n_stages: int) -> None:
         getattr(body, name).requires_grad_(False)
 
 
+_D2_RESNET_MARKERS = ("stem.conv1.", "res2.", "res3.", "res4.", "res5.")
+
+
+def load_cnn_weights(body: nn.Module, state: dict[str, torch.Tensor], name: str = "<weights>") -> None:
+    """Load a torchvision-layout CNN state dict (e.g. DINO's dino_resnet50_pretrain.pth:
+    conv1.weight, bn1.*, layer1.0.conv1.weight, ..., maybe under module. / backbone.) into a timm
+    features_only body, whose ResNet keys are the same names (timm and torchvision share them; the
+    classifier fc.* has no place in the body and is ignored).
+
+    Every tensor of the body must come from the checkpoint (BatchNorm's num_batches_tracked
+    excepted, it is unused once BN is frozen): a missing key or a shape mismatch raises ValueError,
+    naming the keys, so a wrong layout never trains from a half-random backbone.
+    """
+    from u2seg.features.weights import strip_prefixes
+
+    state = strip_prefixes(state)
+    own = body.state_dict()
+    sample = ", ".join(sorted(state)[:5])
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    if missing:
+        hint = ""
+        if any(k.startswith(_D2_RESNET_MARKERS) for k in state):
+            hint = " (this is Detectron2's ResNet layout, stem.* / res2..res5; use the torchvision-style checkpoint)"
+        raise ValueError(
+            f"{name}: backbone weights lack {len(missing)} of {len(own)} tensors, e.g. {missing[:5]}; "
+            f"checkpoint keys start: {sample}{hint}"
+        )
+    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+           if k in state and state[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"{name}: shape mismatch for {len(bad)} backbone tensors, e.g. {bad[:3]}")
+    unexpected = sorted(k for k in state if k not in own)
+    if unexpected:
+        level = logging.INFO if all(k.startswith("fc.") for k in unexpected) else logging.WARNING
+        log.log(level, "%s: ignoring %d tensors not in the backbone: %s", name, len(unexpected), unexpected[:5])
+    body.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
+    log.info("%s: loaded %d backbone tensors", name, sum(k in state for k in own))
+
+
 def build_pyramid_backbone(cfg: ModelConfig, storage_options: dict | None = None) -> nn.Module:
-    """The detector backbone named by cfg.backbone: ViT -> simple pyramid; anything else -> CNN + FPN."""
+    """The detector backbone named by cfg.backbone: ViT -> simple pyramid; anything else -> CNN + FPN.
+
+    CNN weights: "none", "timm", or a local path / s3:// URI to a .pth (torch.load weights_only) or
+    .safetensors file in torchvision's layout (load_cnn_weights)."""
     if is_vit_name(cfg.backbone):
         vit = _create_vit(cfg, storage_options)
         _freeze_vit(vit, cfg.freeze_backbone_blocks)
         return SimpleFeaturePyramid(vit, cfg.pyramid_channels)
-    if cfg.weights not in ("none", "timm"):
-        raise ValueError(f"CNN backbones take weights 'none' or 'timm', got {cfg.weights!r}")
     body = timm.create_model(
         cfg.backbone,
         pretrained=cfg.weights == "timm",
@@ -171,6 +211,10 @@ def build_pyramid_backbone(cfg: ModelConfig, storage_options: dict | None = None
         out_indices=(1, 2, 3, 4),
         drop_path_rate=cfg.drop_path_rate,
     )
+    if cfg.weights not in ("none", "timm"):
+        from u2seg.features.weights import read_state_dict
+
+        load_cnn_weights(body, read_state_dict(cfg.weights, storage_options), name=cfg.weights)
     body = freeze_batch_norm_2d(body)
     _freeze_cnn(body, cfg.freeze_backbone_blocks)
     return CNNFeaturePyramid(body, cfg.pyramid_channels)

@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 AMP_MODES = ("bf16", "fp16", "none")
+ROI_HEADS = ("standard", "cascade")
+# Cascade R-CNN stages as Detectron2's defaults (MODEL.ROI_BOX_CASCADE_HEAD), which U2Seg and CutLER use.
+CASCADE_IOUS = (0.5, 0.6, 0.7)
+CASCADE_BOX_WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
 
 
 @dataclass
@@ -20,7 +24,7 @@ class ModelConfig:
     """
 
     backbone: str = "vit_small_patch8_224.dino"
-    weights: str = "none"  # "none" | "timm" | local path | s3:// uri (ViT: via u2seg.features.backbone)
+    weights: str = "none"  # "none" | "timm" | local path | s3:// uri (ViT via u2seg.features; CNN: torchvision layout)
     num_thing_classes: int = 800
     num_stuff_classes: int = 27
     image_size: int = 224  # ViT construction size (pos-embed grid); inputs of any size are accepted
@@ -37,6 +41,9 @@ class ModelConfig:
     rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_test: int = 1000
     # ROI heads.
+    roi_heads: str = "standard"  # "standard" (one Fast R-CNN head) | "cascade" (Cascade R-CNN, as U2Seg / CutLER)
+    cascade_ious: tuple[float, ...] = CASCADE_IOUS  # foreground IoU per cascade stage
+    cascade_box_weights: tuple[tuple[float, ...], ...] = CASCADE_BOX_WEIGHTS  # box-coder weights per stage
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
     box_fg_iou_thresh: float = 0.5
@@ -62,6 +69,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.mask_head_layers = tuple(int(v) for v in self.mask_head_layers)
+        self.cascade_ious = tuple(float(v) for v in self.cascade_ious)
+        self.cascade_box_weights = tuple(tuple(float(v) for v in w) for w in self.cascade_box_weights)
         if self.num_thing_classes < 1 or self.num_stuff_classes < 0:
             raise ValueError("need num_thing_classes >= 1 and num_stuff_classes >= 0")
         if self.num_stuff_classes + 1 >= 255:
@@ -72,10 +81,37 @@ class ModelConfig:
             raise ValueError("drop_loss_iou must be in [0, box_bg_iou_thresh)")
         if not self.mask_head_layers:
             raise ValueError("mask_head_layers needs at least one layer")
+        if self.roi_heads not in ROI_HEADS:
+            raise ValueError(f"roi_heads must be one of {ROI_HEADS}, got {self.roi_heads!r}")
+        self._check_cascade()
+
+    def _check_cascade(self) -> None:
+        ious, weights = self.cascade_ious, self.cascade_box_weights
+        if not ious or len(ious) != len(weights):
+            raise ValueError(
+                f"cascade_ious ({len(ious)}) and cascade_box_weights ({len(weights)}) need one entry per stage"
+            )
+        if any(not 0.0 < v < 1.0 for v in ious):
+            raise ValueError(f"cascade_ious must lie in (0, 1), got {ious}")
+        if any(len(w) != 4 or min(w) <= 0 for w in weights):
+            raise ValueError(f"cascade_box_weights must be positive (wx, wy, ww, wh) tuples, got {weights}")
+        if self.roi_heads != "cascade":
+            return
+        # Detectron2's CascadeROIHeads asserts both: stage 0 matches RPN proposals with the ROI-head
+        # matcher, and stages share one class-agnostic regressor shape.
+        if not (self.box_fg_iou_thresh == self.box_bg_iou_thresh == ious[0]):
+            raise ValueError(
+                "cascade heads need box_fg_iou_thresh == box_bg_iou_thresh == cascade_ious[0], got "
+                f"{self.box_fg_iou_thresh}, {self.box_bg_iou_thresh}, {ious[0]}"
+            )
+        if not self.class_agnostic_box_reg:
+            raise ValueError("cascade heads need class_agnostic_box_reg=True (as Detectron2)")
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["mask_head_layers"] = list(self.mask_head_layers)
+        out["cascade_ious"] = list(self.cascade_ious)
+        out["cascade_box_weights"] = [list(w) for w in self.cascade_box_weights]
         return out
 
     @classmethod

@@ -33,11 +33,15 @@ def droploss_fastrcnn_loss(
     labels: list[torch.Tensor],
     regression_targets: list[torch.Tensor],
     keep: list[torch.Tensor],
+    *,
+    beta: float = 1 / 9,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast R-CNN losses with per-proposal classification weights (0 = dropped).
 
     Box regression only ever concerns foreground proposals (IoU >= fg threshold), never dropped.
     Both terms are normalised by the number of sampled proposals, as torchvision and CutLER do.
+    box_regression is (N, 4 * C) per class or (N, 4) class-agnostic. beta is the smooth-L1
+    transition: torchvision's 1/9 by default; 0 is Detectron2's plain L1.
     """
     labels_all = torch.cat(labels, dim=0)
     targets_all = torch.cat(regression_targets, dim=0)
@@ -49,8 +53,9 @@ def droploss_fastrcnn_loss(
     pos = torch.where(labels_all > 0)[0]
     n = class_logits.shape[0]
     deltas = box_regression.float().reshape(n, box_regression.shape[-1] // 4, 4)
+    column = labels_all[pos] if deltas.shape[1] > 1 else torch.zeros_like(labels_all[pos])  # (N, 4): agnostic
     loss_box = F.smooth_l1_loss(
-        deltas[pos, labels_all[pos]], targets_all[pos].float(), beta=1 / 9, reduction="sum"
+        deltas[pos, column], targets_all[pos].float(), beta=beta, reduction="sum"
     )
     return loss_cls, loss_box / denom
 
@@ -90,18 +95,32 @@ class DropLossRoIHeads(RoIHeads):
         losses = {"loss_classifier": loss_cls, "loss_box_reg": loss_box}
 
         if self.has_mask():
-            mask_proposals, pos_matched_idxs = [], []
-            for p, lab, idx in zip(proposals, labels, matched_idxs, strict=True):
-                pos = torch.where(lab > 0)[0]
-                mask_proposals.append(p[pos])
-                pos_matched_idxs.append(idx[pos])
-            mask_features = self.mask_head(self.mask_roi_pool(features, mask_proposals, image_shapes))
-            mask_logits = self.mask_predictor(mask_features)
-            losses["loss_mask"] = maskrcnn_loss(
-                mask_logits.float(),
-                mask_proposals,
-                [t["masks"] for t in targets],
-                [t["labels"] for t in targets],
-                pos_matched_idxs,
-            )
+            losses["loss_mask"] = mask_training_loss(self, features, proposals, labels, matched_idxs,
+                                                     image_shapes, targets)
         return [], losses
+
+
+def mask_training_loss(
+    heads: RoIHeads,
+    features: dict[str, torch.Tensor],
+    proposals: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    matched_idxs: list[torch.Tensor],
+    image_shapes: list[tuple[int, int]],
+    targets: list[dict[str, torch.Tensor]],
+) -> torch.Tensor:
+    """Mask R-CNN mask loss on the foreground sampled proposals (labels > 0) of `heads`' mask branch."""
+    mask_proposals, pos_matched_idxs = [], []
+    for p, lab, idx in zip(proposals, labels, matched_idxs, strict=True):
+        pos = torch.where(lab > 0)[0]
+        mask_proposals.append(p[pos])
+        pos_matched_idxs.append(idx[pos])
+    mask_features = heads.mask_head(heads.mask_roi_pool(features, mask_proposals, image_shapes))
+    mask_logits = heads.mask_predictor(mask_features)
+    return maskrcnn_loss(
+        mask_logits.float(),
+        mask_proposals,
+        [t["masks"] for t in targets],
+        [t["labels"] for t in targets],
+        pos_matched_idxs,
+    )

@@ -1,6 +1,8 @@
 """The universal segmentation network: Mask R-CNN (torchvision) + Panoptic FPN semantic head.
 
-One backbone pass feeds the RPN, the ROI box/mask heads (with DropLoss) and the semantic head.
+One backbone pass feeds the RPN, the ROI box/mask heads (with DropLoss) and the semantic head. The
+ROI box heads are one Fast R-CNN head (cfg.roi_heads == "standard") or three Cascade R-CNN stages
+("cascade", u2seg.model.cascade), as U2Seg's and CutLER's configs use.
 Images are not resized in training (augmentation owns the training scale, as in Detectron2's data
 mappers); at inference they are resized to cfg.min_size / cfg.max_size and results are mapped back.
 """
@@ -19,6 +21,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from u2seg.model.backbone import build_pyramid_backbone
+from u2seg.model.cascade import CascadeRoIHeads
 from u2seg.model.config import ModelConfig
 from u2seg.model.droploss import DropLossRoIHeads
 from u2seg.model.semantic import (
@@ -163,23 +166,26 @@ def build_model(cfg: ModelConfig, *, storage_options: dict | None = None) -> U2S
             mask_predictor=MaskRCNNPredictor(layers[-1], layers[-1], num_classes),
         )
         old = detector.roi_heads
-        detector.roi_heads = DropLossRoIHeads(
-            old.box_roi_pool,
-            old.box_head,
-            old.box_predictor,
-            cfg.box_fg_iou_thresh,
-            cfg.box_bg_iou_thresh,
-            cfg.box_batch_size_per_image,
-            cfg.box_positive_fraction,
-            None,
-            cfg.box_score_thresh,
-            cfg.box_nms_thresh,
-            cfg.detections_per_img,
-            mask_roi_pool=old.mask_roi_pool,
-            mask_head=old.mask_head,
-            mask_predictor=old.mask_predictor,
-            drop_iou=cfg.drop_loss_iou,
-        )
+        if cfg.roi_heads == "cascade":
+            detector.roi_heads = _cascade_heads(cfg, old, ch, num_classes)
+        else:
+            detector.roi_heads = DropLossRoIHeads(
+                old.box_roi_pool,
+                old.box_head,
+                old.box_predictor,
+                cfg.box_fg_iou_thresh,
+                cfg.box_bg_iou_thresh,
+                cfg.box_batch_size_per_image,
+                cfg.box_positive_fraction,
+                None,
+                cfg.box_score_thresh,
+                cfg.box_nms_thresh,
+                cfg.detections_per_img,
+                mask_roi_pool=old.mask_roi_pool,
+                mask_head=old.mask_head,
+                mask_predictor=old.mask_predictor,
+                drop_iou=cfg.drop_loss_iou,
+            )
         detector.transform = AugmentedInputTransform(
             cfg.min_size, cfg.max_size, list(IMAGENET_DEFAULT_MEAN), list(IMAGENET_DEFAULT_STD)
         )
@@ -191,3 +197,28 @@ def build_model(cfg: ModelConfig, *, storage_options: dict | None = None) -> U2S
         "built U2Seg model on %s: %.1fM params (%.1fM trainable)", cfg.backbone, n_all / 1e6, n_train / 1e6
     )
     return model
+
+
+def _cascade_heads(cfg: ModelConfig, old: nn.Module, ch: int, num_classes: int) -> CascadeRoIHeads:
+    """Cascade ROI heads reusing the standard heads' poolers and mask branch; stage 0 keeps the box
+    head / predictor MaskRCNN built, later stages get fresh ones (Detectron2 builds one per stage)."""
+    heads = [old.box_head] + [TwoMLPHead(ch * 7 * 7, cfg.representation_size) for _ in cfg.cascade_ious[1:]]
+    predictors = [old.box_predictor] + [
+        BoxPredictor(cfg.representation_size, num_classes, class_agnostic=True) for _ in cfg.cascade_ious[1:]
+    ]
+    return CascadeRoIHeads(
+        old.box_roi_pool,
+        heads,
+        predictors,
+        stage_ious=cfg.cascade_ious,
+        stage_box_weights=cfg.cascade_box_weights,
+        batch_size_per_image=cfg.box_batch_size_per_image,
+        positive_fraction=cfg.box_positive_fraction,
+        score_thresh=cfg.box_score_thresh,
+        nms_thresh=cfg.box_nms_thresh,
+        detections_per_img=cfg.detections_per_img,
+        mask_roi_pool=old.mask_roi_pool,
+        mask_head=old.mask_head,
+        mask_predictor=old.mask_predictor,
+        drop_iou=cfg.drop_loss_iou,
+    )

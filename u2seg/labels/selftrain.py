@@ -1,0 +1,98 @@
+"""CutLER's self-training rule: merge a trained model's confident predictions with the previous round's
+pseudo masks, per image (pure numpy).
+
+Why: after a round of training the detector finds objects the pseudo-labels missed and outlines
+known ones better; its confident predictions replace the old masks they cover, while old masks it
+does not reproduce are kept so recall does not drop.
+
+Decisions, each taken from CutLER's cutler/tools/get_self_training_ann.py:
+
+- Predictions are kept when score >= score_threshold (CutLER: `confidence_score >= THRESHOLD`, 0.7),
+  compared in float64 as CutLER compares its JSON floats (a float32 0.7 is 0.69999999 and fails).
+- Overlap is *mask* IoU (CutLER's BatchIoU on the decoded masks, each binarised as `> 0.5`), not box IoU.
+- An old mask is kept only when its IoU with *every* kept prediction is < iou_threshold (strictly:
+  CutLER keeps `iou_max < 0.5`). Predictions are never deduplicated among themselves.
+- Output order: the kept predictions in their input order, then the kept old masks in theirs
+  (CutLER: `anns_pred + selected_pseudo`). No confident prediction: all old masks; no old mask:
+  the confident predictions alone (CutLER's two fall-through branches).
+- Classes: a prediction carries its predicted class, a kept old mask its old class (CutLER copies
+  each annotation unchanged; there every class is the single "fg").
+- Scores: a prediction keeps its score; an old mask has none (CutLER's annotations carry no score)
+  and gets NaN here. `sources` says which is which ("pred" / "old").
+
+Two edge cases CutLER leaves to accident, made explicit: the IoU of two empty masks is 0 (CutLER
+divides 0 by 0, and its NaN then drops the old mask), and mismatched mask sizes raise ValueError
+(CutLER's bare `except` silently keeps the old masks).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SOURCE_PRED = "pred"
+SOURCE_OLD = "old"
+
+
+def _as_masks(masks: np.ndarray, name: str) -> np.ndarray:
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"{name} must be (N, H, W), got shape {masks.shape}")
+    return masks if masks.dtype == bool else masks > 0.5
+
+
+def _as_vector(values: np.ndarray, n: int, name: str, dtype: type) -> np.ndarray:
+    values = np.asarray(values, dtype=dtype).reshape(-1)
+    if values.shape[0] != n:
+        raise ValueError(f"{name} has {values.shape[0]} entries for {n} masks")
+    return values
+
+
+def mask_iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, M) IoU of boolean masks a (N, H, W) and b (M, H, W); 0 where both masks are empty."""
+    a2 = a.reshape(a.shape[0], -1).astype(np.float32)
+    b2 = b.reshape(b.shape[0], -1).astype(np.float32)
+    inter = a2 @ b2.T
+    union = a2.sum(1)[:, None] + b2.sum(1)[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def selftrain_image(
+    old_masks: np.ndarray,
+    old_classes: np.ndarray,
+    pred_masks: np.ndarray,
+    pred_classes: np.ndarray,
+    pred_scores: np.ndarray,
+    *,
+    score_threshold: float = 0.7,
+    iou_threshold: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One image's next-round pseudo instances -> (masks (M, H, W) bool, classes (M,) int64,
+    scores (M,) float32 (NaN for old masks), sources (M,) "pred" | "old").
+
+    old_masks (N, H, W) and pred_masks (P, H, W): bool, or 0/1 / probabilities binarised at > 0.5.
+    """
+    old = _as_masks(old_masks, "old_masks")
+    pred = _as_masks(pred_masks, "pred_masks")
+    old_cls = _as_vector(old_classes, old.shape[0], "old_classes", np.int64)
+    pred_cls = _as_vector(pred_classes, pred.shape[0], "pred_classes", np.int64)
+    pred_sc = _as_vector(pred_scores, pred.shape[0], "pred_scores", np.float64)  # compare as CutLER's JSON floats
+    if old.shape[0] and pred.shape[0] and old.shape[1:] != pred.shape[1:]:
+        raise ValueError(f"old masks are {old.shape[1:]} but predictions {pred.shape[1:]}")
+    if not 0.0 <= iou_threshold <= 1.0:
+        raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    if np.isnan(pred_sc).any():
+        raise ValueError("pred_scores contain NaN")
+
+    confident = np.flatnonzero(pred_sc >= score_threshold)
+    kept_pred = pred[confident]
+    if old.shape[0] and confident.size:
+        keep_old = mask_iou_matrix(old, kept_pred).max(axis=1) < iou_threshold
+    else:
+        keep_old = np.ones(old.shape[0], dtype=bool)
+    hw = pred.shape[1:] if pred.shape[0] else old.shape[1:]
+
+    masks = np.concatenate([kept_pred.reshape(-1, *hw), old[keep_old].reshape(-1, *hw)])
+    classes = np.concatenate([pred_cls[confident], old_cls[keep_old]])
+    scores = np.concatenate([pred_sc[confident], np.full(int(keep_old.sum()), np.nan)]).astype(np.float32)
+    sources = np.array([SOURCE_PRED] * confident.size + [SOURCE_OLD] * int(keep_old.sum()), dtype="<U4")
+    return masks, classes, scores, sources
