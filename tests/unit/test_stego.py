@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -183,6 +184,9 @@ def test_full_loss_rejects_bad_inputs():
         contrastive_correlation_loss(feats, feats_pos, code, code_pos, cfg, perms=[torch.tensor([1, 2, 0])])
     with pytest.raises(ValueError, match="int64"):
         contrastive_correlation_loss(feats, feats_pos, code, code_pos, cfg, perms=[torch.zeros(3)] * 2)
+    cuda_gen = SimpleNamespace(device=torch.device("cuda"))  # stands in for a CUDA generator on a CPU-only box
+    with pytest.raises(ValueError, match="generator lives on cuda"):
+        contrastive_correlation_loss(feats, feats_pos, code, code_pos, cfg, generator=cuda_gen)
 
 
 # ---------------------------------------------------------------------------------------------- head

@@ -47,10 +47,16 @@ STEGO_KEY_PROBE = "cluster_probe.clusters"
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_generator(generator: torch.Generator | None, device: torch.device) -> None:
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(f"generator lives on {generator.device} but the tensors on {device}; make it there")
+
+
 def _dropout2d(x: torch.Tensor, p: float, generator: torch.Generator | None) -> torch.Tensor:
     """nn.Dropout2d's training behaviour (whole channels per sample, survivors scaled by 1/(1-p)), seedable."""
     if p <= 0.0:
         return x
+    _check_generator(generator, x.device)
     keep = torch.empty(x.shape[0], x.shape[1], 1, 1, dtype=x.dtype, device=x.device)
     keep.bernoulli_(1.0 - p, generator=generator)
     return x * keep.div_(1.0 - p)
@@ -515,6 +521,7 @@ def contrastive_correlation_loss(
     if feats.shape[0] != code.shape[0]:
         raise ValueError(f"feats and code batch sizes differ: {feats.shape[0]} vs {code.shape[0]}")
     batch, device = feats.shape[0], feats.device
+    _check_generator(generator, device)
     if cfg.neg_samples > 0 and batch < 2:
         raise ValueError("negatives need a batch of at least 2 images")
     shape = (batch, cfg.feature_samples, cfg.feature_samples, 2)
