@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import struct
+import warnings
 from pathlib import Path
 
 import cv2
@@ -248,3 +250,88 @@ def test_prefix_probe_reads_only_the_header_of_a_large_jpeg() -> None:
         with pytest.raises(ImageDecodeError) as err:
             probe_size(CORPUS[name][0], prefix=True)
         assert err.value.reason == CORPUS[name][1]
+
+
+def _bmp_bitfields_bgrx(pixel: bytes, w: int = 8, h: int = 4) -> bytes:
+    """A 32-bit BI_BITFIELDS BMP (masks R=0xFF0000, G=0xFF00, B=0xFF, no alpha) of one repeated pixel."""
+    body = pixel * (w * h)
+    dib = struct.pack("<IiiHHIIiiII", 40, w, h, 1, 32, 3, len(body), 2835, 2835, 0, 0)
+    masks = struct.pack("<III", 0xFF0000, 0xFF00, 0xFF)
+    offset = 14 + len(dib) + len(masks)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + dib + masks + body
+
+
+def test_bmp_bitfields_pad_byte_is_not_alpha() -> None:
+    """OpenCV reads the zero pad byte of BGRX bitfields as alpha (a black picture); the masks say RGB."""
+    out = decode_image(_bmp_bitfields_bgrx(bytes([10, 20, 30, 0])))
+    assert out.shape == (4, 8, 3)
+    assert np.array_equal(out.reshape(-1, 3), np.tile([30, 20, 10], (32, 1)))
+
+
+def _jpeg_with_sof_size(width: int, height: int) -> bytes:
+    data = bytearray(CORPUS["rgb.jpg"][0])
+    sof = data.find(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+@pytest.mark.parametrize(("width", "height"), [(64, 0), (0, 48), (1, 48)])
+def test_zero_or_one_sided_headers_are_too_small(width: int, height: int) -> None:
+    """Pillow refuses a zero-sized canvas ("not identified"); that must stay 'too_small', not 'corrupt'."""
+    bmp = bytearray(CORPUS["rgb.bmp"][0])
+    struct.pack_into("<ii", bmp, 18, width, height)
+    for data in (_jpeg_with_sof_size(width, height), bytes(bmp)):
+        for call in (decode_image, probe_size):
+            with pytest.raises(ImageDecodeError) as err:
+                call(data)
+            assert err.value.reason == "too_small", str(err.value)
+
+
+def test_max_pixels_decides_not_pillows_global_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow's MAX_IMAGE_PIXELS (bomb error/warning) is neither consulted nor changed: max_pixels decides."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    large = CORPUS["large_6000x4000.jpg"][0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail here
+        assert probe_size(large) == (6000, 4000)
+        assert decode_image(CORPUS["rgb.bmp"][0]).shape == (48, 64, 3)
+        assert decode_image(_bmp_bitfields_bgrx(bytes([1, 2, 3, 0]), 64, 48)).shape == (48, 64, 3)
+        assert probe_size(CORPUS["rgb16.tif"][0]) == (64, 48)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+    huge = _jpeg_with_sof_size(30000, 20000)  # 600 Mpx declared, a few KB of data
+    for call in (decode_image, probe_size):
+        with pytest.raises(ImageDecodeError) as err:
+            call(huge)
+        assert err.value.reason == "too_large"
+    assert probe_size(huge, max_pixels=30000 * 20000) == (30000, 20000)
+
+
+def test_bigtiff_size_comes_from_the_header() -> None:
+    src = corpus._pattern(48, 64)
+    data = _encode("TIFF", Image.fromarray(src), big_tiff=True)
+    assert data[:4] == b"II+\x00"
+    assert probe_size(data) == (64, 48)
+    assert np.array_equal(decode_image(data), src)
+    with pytest.raises(ImageDecodeError) as err:
+        decode_image(data, max_pixels=64 * 48 - 1)
+    assert err.value.reason == "too_large"
+
+
+def test_malformed_exif_is_ignored() -> None:
+    """An Exif block that is not TIFF-structured leaves the picture as stored (orientation 1)."""
+    plain = CORPUS["rgb.jpg"][0]
+    junk = b"Exif\x00\x00" + b"XX*\x00garbage" * 4
+    data = plain[:2] + b"\xff\xe1" + struct.pack(">H", len(junk) + 2) + junk + plain[2:]
+    assert np.array_equal(decode_image(data), decode_image(plain))
+    assert probe_size(data) == (64, 48)
+
+
+def test_jpeg_prefix_cut_inside_the_header_asks_for_more() -> None:
+    """A prefix that ends before or inside the frame header is 'truncated' (read the whole file)."""
+    data = CORPUS["rgb.jpg"][0]
+    sof, sos = data.find(b"\xff\xc0"), data.find(b"\xff\xda")
+    for cut in (sof, sof + 4, sof + 10):
+        with pytest.raises(ImageDecodeError) as err:
+            probe_size(data[:cut], prefix=True)
+        assert err.value.reason == "truncated", cut
+    assert probe_size(data[: sos + 14], prefix=True) == (64, 48)

@@ -11,10 +11,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from u2seg.labels import (
+    decode_mask,
     decode_panoptic_png,
     decode_semantic_png,
+    encode_masks,
     encode_rle,
     instance_annotations,
+    mask_area_bbox,
     merge_coco_parts,
     mode_filter,
     panoptic_annotation,
@@ -291,6 +294,36 @@ def test_segment_stats_matches_pixels() -> None:
     seg[1:3, 2:7] = 5_000_000
     seg[5, 0] = 7
     assert segment_stats(seg) == {7: (1, [0, 5, 1, 1]), 5_000_000: (10, [2, 1, 5, 2])}
+
+
+
+def test_encode_masks_batch_contract_and_roundtrip() -> None:
+    m = np.zeros((3, 7, 9), bool)
+    m[0, 1:4, 2:7] = True
+    m[2, 6, 8] = True
+    anns = encode_masks(m)
+    assert [set(a) for a in anns] == [{"rle", "bbox", "area"}] * 3
+    a = anns[0]
+    assert isinstance(a["rle"]["counts"], str) and a["rle"]["size"] == [7, 9]
+    assert a["bbox"] == [2.0, 1.0, 5.0, 3.0] and a["area"] == 15
+    assert anns[1]["area"] == 0 and anns[1]["bbox"] == [0.0, 0.0, 0.0, 0.0]
+    assert anns[2]["bbox"] == [8.0, 6.0, 1.0, 1.0] and anns[2]["area"] == 1
+    for k, ann in enumerate(anns):  # the batch call agrees with the per-mask wrappers
+        assert ann["rle"] == encode_rle(m[k])
+        assert np.array_equal(decode_mask(ann["rle"]), m[k])
+        assert mask_area_bbox(ann["rle"]) == (ann["area"], ann["bbox"])
+    assert encode_masks(np.zeros((0, 3, 3), bool)) == []
+    with pytest.raises(ValueError, match="masks must be"):
+        encode_masks(m[0])
+
+
+def test_encode_masks_takes_cpu_tensors() -> None:
+    import torch
+
+    m = torch.zeros(2, 4, 5, dtype=torch.bool)
+    m[1, 1:3, 0:2] = True
+    assert encode_masks(m) == encode_masks(m.numpy())
+    assert encode_masks(m)[1]["area"] == 4
 
 
 # ---------------------------------------------------------------- COCO instances / categories

@@ -11,7 +11,6 @@ from u2seg.maskcut import (
     mask_descriptors,
     maskcut,
     maskcut_detailed,
-    masks_to_coco,
     refine_masks,
     remove_overlaps,
     sample_patch_features,
@@ -251,20 +250,6 @@ def test_refine_resolves_overlaps_earlier_wins():
         assert int(out.sum(0).max()) <= 1
         assert bool(out[0].any()) and bool(out[1].any())
     assert torch.equal(remove_overlaps(torch.stack([a, a])), torch.stack([a, torch.zeros_like(a)]))
-
-
-def test_masks_to_coco_roundtrip():
-    m = np.zeros((2, 7, 9), bool)
-    m[0, 1:4, 2:7] = True
-    anns = masks_to_coco(torch.from_numpy(m))
-    assert len(anns) == 2
-    a = anns[0]
-    assert isinstance(a["rle"]["counts"], str) and a["rle"]["size"] == [7, 9]
-    assert a["bbox"] == [2.0, 1.0, 5.0, 3.0] and a["area"] == 15
-    decoded = mask_util.decode({"size": a["rle"]["size"], "counts": a["rle"]["counts"].encode()})
-    assert np.array_equal(decoded.astype(bool), m[0])
-    assert anns[1]["area"] == 0
-    assert masks_to_coco(np.zeros((0, 3, 3), bool)) == []
 
 
 def test_mask_descriptors_mean_then_normalise():

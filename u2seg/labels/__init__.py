@@ -9,7 +9,7 @@ from u2seg.labels.coco import (
     pseudo_categories,
     semantic_png_bytes,
 )
-from u2seg.labels.masks import decode_mask, encode_rle, mask_area_bbox, segment_stats
+from u2seg.labels.masks import decode_mask, encode_masks, encode_rle, mask_area_bbox, segment_stats
 from u2seg.labels.merge import merge_coco_parts
 from u2seg.labels.panoptic import PanopticResult, panoptic_merge, semantic_from_panoptic, validate_panoptic
 from u2seg.labels.selftrain import selftrain_image
@@ -20,6 +20,7 @@ __all__ = [
     "decode_mask",
     "decode_panoptic_png",
     "decode_semantic_png",
+    "encode_masks",
     "encode_rle",
     "instance_annotations",
     "mask_area_bbox",

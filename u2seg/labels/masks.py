@@ -1,4 +1,4 @@
-"""Binary masks <-> COCO RLE, and per-segment area/bbox statistics.
+"""Binary masks <-> COCO RLE, and per-segment area/bbox statistics: the one pycocotools wrapper.
 
 Masks travel through the run root as COCO compressed RLE with ``counts`` as ``str`` (that is what
 JSON and the Parquet MASKS_SCHEMA hold); pycocotools wants bytes and Fortran order, so every
@@ -19,14 +19,36 @@ MaskLike = np.ndarray | Mapping[str, Any]
 _DIRECT_MAX_ID = 1 << 16
 
 
+def _json_rle(rle: Mapping[str, Any]) -> dict[str, Any]:
+    """pycocotools' RLE with ``counts`` as str and ``size`` as plain ints (what JSON and Parquet hold)."""
+    counts = rle["counts"]
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
+            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
 def encode_rle(mask: np.ndarray) -> dict[str, Any]:
     """Encode a 2-D boolean mask as COCO compressed RLE with JSON-ready ``counts`` (str)."""
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
-    counts = rle["counts"]
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+    return _json_rle(mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False))))
+
+
+def encode_masks(masks: np.ndarray) -> list[dict[str, Any]]:
+    """COCO fields of a stack of boolean masks ``[n, H, W]`` (CPU torch tensors convert too), in order.
+
+    One dict per mask: ``{"rle": {"size": [H, W], "counts": str}, "bbox": [x, y, w, h] floats,
+    "area": int}``; an empty mask gives area 0 and bbox [0, 0, 0, 0]. The whole stack goes through
+    pycocotools in one call (one Fortran-order copy) instead of one call per mask.
+    """
+    arr = np.asarray(masks, dtype=bool)
+    if arr.ndim != 3:
+        raise ValueError(f"masks must be [n, H, W], got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(arr.transpose(1, 2, 0).astype(np.uint8)))
+    areas, boxes = mask_utils.area(rles), mask_utils.toBbox(rles)
+    return [{"rle": _json_rle(rle), "bbox": [float(v) for v in box], "area": int(area)}
+            for rle, area, box in zip(rles, areas, boxes, strict=True)]
 
 
 def _to_compressed(rle: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,6 +1,5 @@
 """MaskCut (CutLER) instance pseudo-masks: affinity, batched eigen-solver, rules, refinement, outputs."""
 
-from u2seg.maskcut.coco import masks_to_coco
 from u2seg.maskcut.core import maskcut, maskcut_detailed
 from u2seg.maskcut.descriptors import mask_descriptors, sample_patch_features
 from u2seg.maskcut.process import ImageResult, process_batch
@@ -11,7 +10,6 @@ __all__ = [
     "mask_descriptors",
     "maskcut",
     "maskcut_detailed",
-    "masks_to_coco",
     "process_batch",
     "refine_masks",
     "remove_overlaps",

@@ -16,7 +16,7 @@ from torch import nn
 
 from u2seg.features import extract_features, patch_size, preprocess
 from u2seg.features.pooling import pooled_stuff_grid
-from u2seg.maskcut.coco import masks_to_coco
+from u2seg.labels.masks import encode_masks
 from u2seg.maskcut.core import maskcut_detailed
 from u2seg.maskcut.descriptors import mask_descriptors, sample_patch_features
 from u2seg.maskcut.refine import refine_masks, upsample_masks
@@ -109,7 +109,7 @@ def process_batch(
         full = full[kept]
         scores = stats.scores[b, valid[b]][kept].tolist()
         desc = _descriptors(feats.tokens[b : b + 1], full, feats.grid)
-        anns = masks_to_coco(full)
+        anns = encode_masks(full.cpu().numpy())
         masks = [
             {**ann, "mask_id": k, "score": float(scores[k]), "descriptor": desc[k].tolist()}
             for k, ann in enumerate(anns)
