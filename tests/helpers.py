@@ -18,7 +18,7 @@ def s3_overrides(s3) -> list[str]:
 TINY = [
     "extract.backbone=vit_small_patch8_224.dino", "extract.image_size=64", "extract.n_masks=2",
     "extract.batch_size=4", "extract.rows_per_part=6", "extract.stuff_grid=8", "extract.stuff_dim=16",
-    "extract.patches_per_image=16", "extract.amp=none",
+    "extract.patches_per_image=16", "extract.amp=none", "stuff.method=kmeans", "extract.descriptor=mask_pool",
     "cluster.things_k=4", "cluster.stuff_k=3", "cluster.niter=5", "cluster.num_shards=2",
     "run.max_error_fraction=0.9",
 ]

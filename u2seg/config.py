@@ -130,6 +130,40 @@ class ManifestConfig:
 
 
 @dataclass
+class StuffConfig:
+    """Stuff classes: STEGO's head and cluster probe trained on frozen backbone features (or the k-means baseline).
+
+    The head reads the final patch tokens of ``extract.backbone`` (the same pass that feeds MaskCut applies
+    it); its defaults are STEGO's (train_config.yml and the cocostuff27 ViT-B shifts and weights).
+    """
+
+    method: Literal["stego", "kmeans"] = knob("stego", "stego: STEGO's contrastive head + cosine cluster probe "
+                                              "(U2Seg's stuff); kmeans: spherical k-means of pooled, randomly "
+                                              "projected patch tokens (the cheap baseline; cluster.stuff_k classes)")
+    checkpoint: str | None = knob(None, "a trained head to load instead of training (local path or s3://): a STEGO "
+                                  "Lightning checkpoint's state dict (net.cluster1.*, net.cluster2.*, "
+                                  "cluster_probe.clusters) or a u2seg stuff/head.pt")
+    train_images: int = knob(10_000, "images sampled from the manifest (by a seeded hash of their id) to train on",
+                             _positive, "a positive integer")
+    k: int = knob(27, "stuff classes: the cluster probe's centres (COCO-Stuff-27 has 27)", lambda v: 2 <= v <= 255,
+                  "an integer in [2, 255]")
+    code_dim: int = knob(70, "dimensions of STEGO's code", _positive, "a positive integer")
+    steps: int = knob(5000, "optimizer steps", _positive, "a positive integer")
+    batch_size: int = knob(16, "crops per step per worker (each with its kNN positive)", lambda v: v >= 2, ">= 2")
+    lr: float = knob(5e-4, "Adam learning rate of the head", _positive, "> 0")
+    probe_lr: float = knob(5e-3, "Adam learning rate of the cluster probe (STEGO's)", _positive, "> 0")
+    crop_ratio: float = knob(0.5, "STEGO's five crops: each crop's side as a fraction of the image's",
+                             lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+    crop_size: int = knob(224, "crops are resized (shorter side) and centre-cropped to this many pixels",
+                          lambda v: 32 <= v <= 1024, "an integer in [32, 1024]")
+    neighbors: int = knob(7, "kNN positives per crop (by cosine of the global descriptor)", _positive,
+                          "a positive integer")
+    preset: Literal["cocostuff27_vit_base", "cocostuff27_vit_small", "train_config_active"] = knob(
+        "cocostuff27_vit_base", "STEGO's loss shifts and weights (u2seg/stuff/stego.py::STEGO_LOSS_PRESETS)")
+    num_workers: int = knob(1, "Ray Train workers (DDP ranks) training the head", _positive, "a positive integer")
+
+
+@dataclass
 class ExtractConfig:
     """Backbone features and MaskCut."""
 
@@ -151,12 +185,20 @@ class ExtractConfig:
     gpus_per_actor: float = knob(0.0, "GPUs per actor; 0 on CPU. auto device + GPUs present -> set 1",
                                  _non_negative, ">= 0")
     cpus_per_actor: float = knob(1.0, "CPUs reserved per actor", _positive, "> 0")
-    patches_per_image: int = knob(64, "sampled patch features per image for stuff clustering",
+    descriptor: Literal["crop_cls", "mask_pool"] = knob(
+        "crop_cls", "thing descriptor: crop_cls = the backbone's CLS (after the final norm) on each object's masked "
+        "crop (U2Seg's); mask_pool = the mean of the image's patch tokens under the mask (no second pass)")
+    crop_context: float = knob(0.1, "crop_cls: margin added around a mask's box on each side, as a fraction of the "
+                               "box's longer side", lambda v: 0 <= v <= 2, "a number in [0, 2]")
+    crop_size: int = knob(224, "crop_cls: side of the object crops fed to the backbone",
+                          lambda v: 32 <= v <= 1024, "an integer in [32, 1024]")
+    patches_per_image: int = knob(64, "stuff.method=kmeans: sampled patch features per image for stuff clustering",
                                   _non_negative, ">= 0")
-    stuff_grid: int = knob(32, "side of the pooled patch-feature grid stored per image for stuff labelling",
+    stuff_grid: int = knob(32, "stuff.method=kmeans: side of the pooled patch-feature grid stored per image",
                            lambda v: 4 <= v <= 128, "an integer in [4, 128]")
-    stuff_dim: int = knob(32, "dimensions of the stored stuff features (a fixed random orthogonal "
-                          "projection of the pooled tokens)", lambda v: 4 <= v <= 1024, "an integer in [4, 1024]")
+    stuff_dim: int = knob(32, "stuff.method=kmeans: dimensions of the stored stuff features (a fixed random "
+                          "orthogonal projection of the pooled tokens)", lambda v: 4 <= v <= 1024,
+                          "an integer in [4, 1024]")
     amp: Literal["bf16", "fp16", "none"] = knob("bf16", "autocast dtype on GPU (CPU always runs fp32)")
     rows_per_part: int = knob(256, "images per output Parquet part (a unit of retry and resume)",
                               _positive, "a positive integer")
@@ -168,8 +210,8 @@ class ClusterConfig:
 
     things_k: int = knob(800, "pseudo thing classes (U2Seg: 800; 300 also used)", _positive,
                          "a positive integer")
-    stuff_k: int = knob(27, "pseudo stuff classes (COCO-Stuff has 27 coarse classes)", _positive,
-                        "a positive integer")
+    stuff_k: int = knob(27, "stuff.method=kmeans: pseudo stuff classes (COCO-Stuff has 27 coarse classes)",
+                        _positive, "a positive integer")
     niter: int = knob(20, "Lloyd iterations", _positive, "a positive integer")
     num_shards: int = knob(2, "shard actors of the distributed k-means", _positive, "a positive integer")
     spherical: bool = knob(True, "cosine geometry: L2-normalised vectors and centroids")
@@ -188,10 +230,17 @@ class LabelConfig:
 
     stuff_smooth: int = knob(3, "median smoothing window of the stuff map (odd; 0/1 = none)",
                              lambda v: v in (0, 1) or (v > 1 and v % 2 == 1), "0, 1 or an odd integer > 1")
-    min_stuff_area: float = knob(0.002, "stuff fragments below this fraction of the image become void",
+    min_stuff_area: float = knob(0.002, "stuff fragments below this fraction of the image become void (U2Seg: 0)",
                                  _fraction, "a fraction in [0, 1]")
-    min_thing_area: int = knob(16, "thing masks below this many visible pixels are dropped",
+    min_thing_area: int = knob(16, "thing masks below this many visible pixels are dropped (U2Seg: 0)",
                                _non_negative, ">= 0")
+    thing_order: Literal["score", "bbox_area"] = knob(
+        "score", "paint order of things: score = descending MaskCut score, earlier things win overlaps; "
+        "bbox_area = U2Seg's: descending bbox area, a smaller thing overwriting a larger one")
+    stuff_overlap_drop: float | None = knob(None, "U2Seg's rule: a stuff class with more than this fraction of its "
+                                            "pixels under things is left out of the image (its free pixels void; "
+                                            "U2Seg: 0.7); null = off", lambda v: 0 <= v <= 1,
+                                            "null or a fraction in [0, 1]")
     write_semantic: bool = knob(True, "also write labels/semantic/*.png (category id per pixel)")
 
 
@@ -215,6 +264,9 @@ class TrainConfig:
     drop_loss_iou: float = knob(0.01, "DropLoss: no loss for regions whose best IoU with a pseudo mask is "
                                 "below this", _fraction, "a fraction in [0, 1]")
     copy_paste: bool = knob(True, "copy-paste augmentation of pseudo instances")
+    images_without_things: Literal["skip", "train"] = knob(
+        "skip", "labelled images with no thing segment: skip = left out of training, as U2Seg drops them (they stay "
+        "in the labels); train = kept (they still teach the semantic head)")
     rounds: int = knob(1, "self-training rounds after the first training", _non_negative, ">= 0")
     score_threshold: float = knob(0.7, "self-training keeps predictions scoring above this", _fraction,
                                   "a fraction in [0, 1]")
@@ -242,6 +294,7 @@ class U2SegConfig:
 
     run: RunConfig = field(default_factory=RunConfig)
     manifest: ManifestConfig = field(default_factory=ManifestConfig)
+    stuff: StuffConfig = field(default_factory=StuffConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
@@ -268,28 +321,27 @@ class U2SegConfig:
         return _digest(d)
 
     def section_hash(self, sections: Iterable[str], exclude: Iterable[str] = ()) -> str:
-        """Hash of the named config sections plus the seed: what a stage's work depends on.
+        """Hash of the named config sections (or single dotted knobs) plus the seed: what a stage's work
+        depends on. The run root's location is in no hash, so a moved run root resumes.
 
         The stage table (``u2seg.pipeline.stages``) names each stage's sections (its own and every
         upstream one), so a changed upstream knob invalidates downstream stages. ``exclude`` drops
         dotted keys that select work rather than describe it (``evaluate.target``).
         """
-        d = self.to_dict()
-        payload: dict[str, Any] = {s: d[s] for s in sections}
-        for dotted in exclude:
-            section, _, key = dotted.partition(".")
-            if section in payload:
-                payload[section] = {k: v for k, v in payload[section].items() if k != key}
-        payload["seed"] = self.run.seed  # the run root's location is not in it: a moved run root resumes
-        return _digest(payload)
+        return _digest(self.section_values(sections, exclude))
 
     def section_values(self, sections: Iterable[str], exclude: Iterable[str] = ()) -> dict[str, Any]:
-        """The dotted knobs of ``sections`` and their values (markers keep them, to say which knob changed)."""
+        """The dotted knobs of ``sections`` (a section name, or one dotted knob) and their values; markers
+        keep them, to say which knob changed."""
         d = self.to_dict()
         flat: dict[str, Any] = {"run.seed": self.run.seed}
-        for section in sections:
-            for key, value in d[section].items():
-                flat[f"{section}.{key}"] = value
+        for entry in sections:
+            section, _, key = entry.partition(".")
+            if key:
+                flat[entry] = d[section][key]
+                continue
+            for name, value in d[section].items():
+                flat[f"{section}.{name}"] = value
         for dotted in exclude:
             flat.pop(dotted, None)
         return flat
@@ -414,11 +466,13 @@ _PATCH = re.compile(r"patch(\d+)")
 def check_consistency(cfg: U2SegConfig) -> U2SegConfig:
     """Rules that involve more than one knob, checked when the config is loaded (not minutes later on a worker)."""
     m = _PATCH.search(cfg.extract.backbone)
-    if m and cfg.extract.image_size % int(m.group(1)):
-        patch = int(m.group(1))
-        raise ConfigError("extract.image_size", cfg.extract.image_size,
-                          f"a multiple of the backbone's patch size {patch} (extract.backbone="
-                          f"{cfg.extract.backbone}), e.g. {cfg.extract.image_size // patch * patch}")
+    patch = int(m.group(1)) if m else 0
+    sizes = [("extract.image_size", cfg.extract.image_size), ("extract.crop_size", cfg.extract.crop_size),
+             ("stuff.crop_size", cfg.stuff.crop_size)]
+    for key, size in sizes:
+        if patch and size % patch:
+            raise ConfigError(key, size, f"a multiple of the backbone's patch size {patch} (extract.backbone="
+                              f"{cfg.extract.backbone}), e.g. {max(patch, size // patch * patch)}")
     return cfg
 
 

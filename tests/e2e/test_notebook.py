@@ -60,7 +60,7 @@ def tiny_run(tmp_path_factory, local_ray) -> dict[str, str]:
                       f"evaluate.gt_panoptic_dir={world}/gt/panoptic",
                       f"evaluate.gt_instances_json={world}/gt/instances.json")
     t0 = time.time()
-    for stage in ("manifest", "extract", "cluster", "label", "evaluate"):
+    for stage in ("manifest", "stuff", "extract", "cluster", "label", "evaluate"):
         run_stage(stage, cfg)
     log.info("tiny run built in %.1fs", time.time() - t0)
     return {"run": str(run), "world": str(world)}
@@ -122,7 +122,7 @@ def test_notebook_runs_on_tiny_run(tiny_run, tmp_path, monkeypatch):
     html = _text(outputs, "text/html")
     assert "<table" in html and ">PQ<" in html and ">mIoU<" in html and ">AP mask<" in html
     assert ">pseudo-labels<" in html and ">model<" not in html
-    for stage in ("manifest", "extract", "cluster", "label", "evaluate"):
+    for stage in ("manifest", "stuff", "extract", "cluster", "label", "evaluate"):
         assert f"<td>{stage}</td><td>done</td>" in html
     assert "no training yet" in _text(outputs, "text/markdown")
     assert "|" in _text(outputs, "text/markdown")  # the tables' Markdown form travels with the HTML
@@ -144,7 +144,7 @@ def test_viz_on_s3_root_with_training_and_model_metrics(tiny_run, s3):
 
     opened = viz.open_run(root.uri, json.dumps(so))
     stages = [row[0] for row in viz.stage_table(opened).rows]
-    assert stages == ["manifest", "extract", "cluster", "label", "evaluate"]
+    assert stages == ["manifest", "stuff", "extract", "cluster", "label", "evaluate"]
     rounds = viz.read_training_metrics(opened)
     assert list(rounds) == ["round-0", "round-1"]
     assert len(rounds["round-0"]) == 10 and len(rounds["round-1"]) == 4

@@ -175,6 +175,7 @@ def test_killed_maskcut_actor_is_restarted_and_nothing_is_lost(ray_cluster, synt
 
     cfg = tiny_config(str(tmp_path / "run"), [str(synthetic_world / "images")], None, *FAULT_KNOBS)
     run_stage("manifest", cfg)
+    run_stage("stuff", cfg)
     root = RunRoot(cfg.run.run_root)
     before = {a["ActorID"] for a in maskcut_actors(None)}  # earlier tests' actors on the session cluster
     job = Background(run_stage, "extract", cfg)
@@ -270,6 +271,7 @@ def test_removed_worker_node_mid_extract(synthetic_world, tmp_path):
 
     cfg = tiny_config(str(tmp_path / "run"), [str(synthetic_world / "images")], None, *FAULT_KNOBS)
     run_stage("manifest", cfg)
+    run_stage("stuff", cfg)
     (tmp_path / "cfg.yaml").write_text(cfg.to_yaml(redact=False))
     (tmp_path / "node_kill.py").write_text(NODE_KILL_SCRIPT)
     log_path = str(tmp_path / "node_kill.log")
@@ -306,6 +308,7 @@ def test_s3_restart_during_writes(ray_cluster, s3, synthetic_world, tmp_path):
     root_uri = s3.uri(f"faults-{time.time_ns()}")
     cfg = tiny_config(root_uri, [str(synthetic_world / "images")], s3, *FAULT_KNOBS)
     run_stage("manifest", cfg)
+    run_stage("stuff", cfg)
     root = RunRoot(root_uri, cfg.run.storage.storage_options())
     job = Background(run_stage, "extract", cfg)
     wait_for(lambda: root.list("extract/images", ".parquet") or not job.alive(), 240, "the first ledger part")
@@ -342,6 +345,7 @@ def test_broken_and_odd_images_become_error_rows(ray_cluster, synthetic_world, w
     good = subset(str(synthetic_world / "images"), 4, str(tmp_path / "inputs" / "good"))
     cfg = tiny_config(str(tmp_path / "run"), [str(tmp_path / "inputs")], None)
     run_stage("manifest", cfg)
+    run_stage("stuff", cfg)
     stats = run_stage("extract", cfg)
     root = RunRoot(cfg.run.run_root)
     counts = check_extract_exactly_once(root)
@@ -397,6 +401,7 @@ def test_sigkilled_driver_resumes_to_the_same_result(ray_cluster, synthetic_worl
     yaml_path.write_text(killed_cfg.to_yaml(redact=False))
     for cfg in (killed_cfg, clean_cfg):
         run_stage("manifest", cfg)
+        run_stage("stuff", cfg)
     killed, clean = RunRoot(killed_cfg.run.run_root), RunRoot(clean_cfg.run.run_root)
     log_path = str(tmp_path / "driver.log")
     args = [sys.executable, "-m", "jobs.extract", "--config", str(yaml_path)]

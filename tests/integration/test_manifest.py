@@ -49,8 +49,15 @@ def test_local_folder_with_odd_formats_and_junk(tmp_path, write_odd_corpus):
     rows = table.to_pylist()
     good = [r for r in rows if isinstance(expected.get(r["uri"].rsplit("/", 1)[1]), tuple)]
     assert good and all(r["width"] > 0 for r in good)
-    # rerun with the same config is skipped; a changed config relists and leaves no stale parts
-    assert run_stage("manifest", cfg)["skipped"] is True
+    # rerun with the same config relists (manifest.refresh) to the same fingerprint; without refresh it is
+    # skipped; a changed config relists and leaves no stale parts
+    root = RunRoot(str(tmp_path / "run"))
+    before = root.read_json("manifest/_SUCCESS")["output"]
+    again = run_stage("manifest", cfg)
+    assert "skipped" not in again and root.read_json("manifest/_SUCCESS")["output"] == before
+    kept = _cfg(str(tmp_path / "run"), [str(src)], None, "manifest.probe_sizes=true", "manifest.refresh=false")
+    run_stage("manifest", kept)
+    assert run_stage("manifest", kept)["skipped"] is True
     cfg2 = _cfg(str(tmp_path / "run"), [str(src / "sub")], None)
     assert run_stage("manifest", cfg2)["images"] == 1
     assert RunRoot(str(tmp_path / "run")).read_parquet("manifest").num_rows == 1

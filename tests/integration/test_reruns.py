@@ -23,7 +23,7 @@ from u2seg.pipeline.run_pipeline import run_pipeline
 
 pytestmark = pytest.mark.integration
 
-UP_TO_LABEL = ("manifest", "extract", "cluster", "label")
+UP_TO_LABEL = ("manifest", "stuff", "extract", "cluster", "label")
 TRAIN_KNOBS = ["train.steps=2", "train.checkpoint_every=1", "train.image_size=64", "train.batch_size=1",
                "train.rounds=0", "cluster.num_shards=1"]
 

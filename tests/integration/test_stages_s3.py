@@ -37,7 +37,7 @@ def s3_run(ray_cluster, s3, synthetic_world):
                       f"evaluate.gt_panoptic_json=s3://{data}/gt/panoptic.json",
                       f"evaluate.gt_panoptic_dir=s3://{data}/gt/panoptic",
                       f"evaluate.gt_instances_json=s3://{data}/gt/instances.json")
-    stats = {s: run_stage(s, cfg) for s in ("manifest", "extract", "cluster", "label", "evaluate")}
+    stats = {s: run_stage(s, cfg) for s in ("manifest", "stuff", "extract", "cluster", "label", "evaluate")}
     return cfg, RunRoot(root_uri, cfg.run.storage.storage_options()), stats, len(names)
 
 

@@ -92,7 +92,7 @@ def killed_run(ray_cluster, s3, synthetic_world) -> KilledRun:
         fs.pipe_file(f"{data}/images/{name}", (synthetic_world / "images" / name).read_bytes())
     root_uri = s3.uri(f"train-run-{time.time_ns()}")
     cfg = tiny_config(root_uri, [f"s3://{data}/images"], s3, *TRAIN_KNOBS)
-    for stage in ("manifest", "extract", "cluster", "label"):
+    for stage in ("manifest", "stuff", "extract", "cluster", "label"):
         run_stage(stage, cfg)
     root = RunRoot(root_uri, cfg.run.storage.storage_options())
     stages_s = time.time() - t0

@@ -41,9 +41,8 @@ def test_counts_parts_rounds_and_classes(tmp_path):
     assert layout.latest_round(root) == 10
     with pytest.raises(FileNotFoundError, match="run `u2seg cluster` first"):
         layout.class_counts(root)
-    layout.save_npy(root, layout.THINGS_CENTROIDS, np.zeros((4, 3), np.float32))
-    layout.save_npy(root, layout.STUFF_CENTROIDS, np.zeros((2, 3), np.float32))
-    assert layout.class_counts(root) == (4, 2)
+    root.write_json(layout.CLUSTER_FIT, {"k_things": 4, "k_stuff": 2, "classes": "abc"})
+    assert layout.class_counts(root) == (4, 2) and layout.classes_digest(root) == "abc"
 
 
 def _image(h: int = 6, w: int = 8) -> tuple[np.ndarray, list[dict]]:

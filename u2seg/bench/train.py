@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 TINY_STAGES = [
     "extract.backbone=vit_small_patch8_224.dino", "extract.image_size=64", "extract.n_masks=2",
     "extract.batch_size=4", "extract.rows_per_part=4", "extract.stuff_grid=8", "extract.stuff_dim=16",
-    "extract.patches_per_image=16", "extract.amp=none", "cluster.things_k=4", "cluster.stuff_k=3",
+    "extract.patches_per_image=16", "extract.amp=none", "stuff.method=kmeans", "extract.descriptor=mask_pool",
+    "cluster.things_k=4", "cluster.stuff_k=3",
     "cluster.niter=5", "cluster.num_shards=2", "run.max_error_fraction=0.9",
 ]
 
@@ -39,7 +40,7 @@ def labelled_run_root(tmp: str, n_images: int, seed: int = 0) -> tuple[U2SegConf
     make_synthetic(str(world), n_images, seed=seed, min_size=160, max_size=256)
     cfg = load_config(None, [f"run.run_root={Path(tmp, 'run')}", f"manifest.inputs=[{world / 'images'}]",
                              *TINY_STAGES])
-    for stage in ("manifest", "extract", "cluster", "label"):
+    for stage in ("manifest", "stuff", "extract", "cluster", "label"):
         run_stage(stage, cfg)
     return cfg, open_root(cfg)
 

@@ -26,6 +26,10 @@ CONFIG = "config.yaml"
 MANIFEST = "manifest"
 MANIFEST_ERRORS = "manifest/errors"
 
+# stuff: the trained (or loaded) STEGO head with its cluster probe
+STUFF = "stuff"
+STUFF_HEAD = "stuff/head.pt"
+
 # extract: the ledger part (one row per input image, ok or error) is committed last for its group, so
 # an image is done iff it is in the ledger; the other tables' parts share the ledger part's name.
 LEDGER = "extract/images"
@@ -39,7 +43,7 @@ THINGS_CENTROIDS = "cluster/things.npy"
 STUFF_CENTROIDS = "cluster/stuff.npy"
 ASSIGNMENTS = "cluster/assignments"
 CLUSTER_SIZES = "cluster/sizes.json"
-CLUSTER_FIT = "cluster/fit.json"  # the fit's centroid digest and stats, written after both centroid files
+CLUSTER_FIT = "cluster/fit.json"  # class counts, the classes' digest and k-means stats, written after the centroids
 
 # label sets (see u2seg/io/labelset.py for the format)
 LABELS = "labels"
@@ -185,16 +189,21 @@ def load_npy(root: RunRoot, rel: str) -> np.ndarray:
 
 
 def class_counts(root: RunRoot) -> tuple[int, int]:
-    """(k_things, k_stuff) of a clustered run: the number of thing and stuff centroids."""
-    for rel in (THINGS_CENTROIDS, STUFF_CENTROIDS):
-        if not root.exists(rel):
-            raise FileNotFoundError(f"{root.join(rel)} is missing: run `u2seg cluster` first")
-    return len(load_npy(root, THINGS_CENTROIDS)), len(load_npy(root, STUFF_CENTROIDS))
+    """(k_things, k_stuff) of a clustered run, as the cluster stage recorded them in ``cluster/fit.json``."""
+    if not root.exists(CLUSTER_FIT):
+        raise FileNotFoundError(f"{root.join(CLUSTER_FIT)} is missing: run `u2seg cluster` first")
+    fit = root.read_json(CLUSTER_FIT)
+    return int(fit["k_things"]), int(fit["k_stuff"])
 
 
-def centroid_digest(root: RunRoot) -> str:
-    """The identity of the fitted classes: a digest of both centroid files (label records it per group)."""
+def classes_digest(root: RunRoot) -> str:
+    """The identity of the pseudo classes (thing centroids and the stuff model): label records it per group,
+    so a refit relabels every group and an unchanged fit keeps them."""
+    return str(root.read_json(CLUSTER_FIT)["classes"])
+
+
+def file_digest(root: RunRoot, *rels: str) -> str:
     h = hashlib.sha1()
-    for rel in (THINGS_CENTROIDS, STUFF_CENTROIDS):
+    for rel in rels:
         h.update(root.read_bytes(rel))
     return h.hexdigest()[:16]

@@ -22,7 +22,7 @@ MASKS_SCHEMA = pa.schema([
     ("bbox", pa.list_(pa.float32(), 4)),       # x, y, w, h
     ("area", pa.int64()),
     ("score", pa.float32()),
-    ("descriptor", pa.list_(pa.float32())),    # L2-normalised mask descriptor
+    ("descriptor", pa.list_(pa.float32())),    # crop_cls: the object crop's CLS; mask_pool: pooled tokens (unit)
     ("image_width", pa.int32()),
     ("image_height", pa.int32()),
 ])
@@ -35,7 +35,8 @@ PATCHES_SCHEMA = pa.schema([
 ])
 
 # The ledger: one row per processed input (ok or error), written last for its group. Also the image's
-# size and the pooled patch-feature grid the label stage turns into a stuff map (no second backbone pass).
+# size and what the label stage turns into a stuff map with no second backbone pass: the STEGO head's
+# class per patch, or (k-means baseline) the pooled patch-feature grid.
 IMAGES_SCHEMA = pa.schema([
     ("image_id", pa.string()),
     ("uri", pa.string()),
@@ -46,8 +47,9 @@ IMAGES_SCHEMA = pa.schema([
     ("n_masks", pa.int32()),
     ("grid_h", pa.int32()),
     ("grid_w", pa.int32()),
-    ("stuff_grid", pa.list_(pa.float16())),    # grid_h * grid_w * dim, row-major, float16
+    ("stuff_grid", pa.list_(pa.float16())),    # stuff.method=kmeans: grid_h * grid_w * dim, row-major, float16
     ("stuff_dim", pa.int32()),
+    ("stuff_classes", pa.list_(pa.uint8())),   # stuff.method=stego: grid_h * grid_w stuff classes, row-major
 ])
 
 ERRORS_SCHEMA = pa.schema([

@@ -18,6 +18,7 @@ from u2seg.features import extract_features, patch_size, preprocess
 from u2seg.features.pooling import pooled_stuff_grid
 from u2seg.labels.masks import encode_masks
 from u2seg.maskcut.core import maskcut_detailed
+from u2seg.maskcut.crops import crop_cls_descriptors, object_crops
 from u2seg.maskcut.descriptors import mask_descriptors, sample_patch_features
 from u2seg.maskcut.refine import refine_masks, upsample_masks
 
@@ -40,6 +41,7 @@ class ImageResult:
     patches: list[dict] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     stuff_grid: torch.Tensor | None = None  # [gh, gw, dim] float16, when process_batch(stuff=...)
+    stuff_classes: np.ndarray | None = None  # [h, w] uint8 stuff class per patch, when process_batch(stuff_head=...)
 
 
 def _sync(device: torch.device) -> None:
@@ -75,11 +77,22 @@ def process_batch(
     amp: str = "bf16",
     seed: int = 0,
     stuff: tuple[int, int] | None = None,
+    stuff_head: nn.Module | None = None,
+    descriptor: str = "mask_pool",
+    crop_context: float = 0.1,
+    crop_size: int = 224,
 ) -> list[ImageResult]:
     """Preprocess, backbone, MaskCut, upsample to each image's size, refine, RLE, descriptors, patches.
 
-    ``stuff=(grid, dim)`` also returns each image's pooled, projected stuff grid (features/pooling.py).
+    ``stuff=(grid, dim)`` also returns each image's pooled, projected stuff grid (features/pooling.py);
+    ``stuff_head`` (a STEGO head, ``u2seg/stuff/stego.py``) each image's stuff class per patch, from the
+    same backbone pass. ``descriptor``: "mask_pool" = the mean of the image's tokens under each mask
+    (L2-normalised); "crop_cls" = the CLS (after the final norm, not normalised) of a second pass of the
+    same backbone over each mask's masked square crop (``maskcut/crops.py``; U2Seg's descriptor), all of the
+    batch's crops in batches of ``len(images_uint8)``.
     """
+    if descriptor not in ("mask_pool", "crop_cls"):
+        raise ValueError(f"descriptor must be 'mask_pool' or 'crop_cls', got {descriptor!r}")
     B = len(images_uint8)
     if B == 0:
         return []
@@ -98,7 +111,13 @@ def process_batch(
     patches = sample_patch_features(feats.tokens, patches_per_image, seeds, feats.grid)
     stuff_grids = (pooled_stuff_grid(feats.tokens, feats.grid, stuff[0], stuff[1], seed).cpu()
                    if stuff else None)
+    stuff_classes = None
+    if stuff_head is not None:
+        grid_feats = feats.tokens.transpose(1, 2).reshape(B, -1, *feats.grid)
+        with torch.inference_mode():
+            stuff_classes = stuff_head.assign(stuff_head.project(grid_feats)).to(torch.uint8).cpu().numpy()
     results = []
+    crops: list[torch.Tensor] = []
     for b, img in enumerate(images_uint8):
         tr = time.perf_counter()
         H, W = img.shape[:2]
@@ -108,8 +127,14 @@ def process_batch(
         kept = full.flatten(1).any(1)
         full = full[kept]
         scores = stats.scores[b, valid[b]][kept].tolist()
-        desc = _descriptors(feats.tokens[b : b + 1], full, feats.grid)
-        anns = encode_masks(full.cpu().numpy())
+        full_np = full.cpu().numpy()
+        anns = encode_masks(full_np)
+        if descriptor == "mask_pool":
+            desc = _descriptors(feats.tokens[b : b + 1], full, feats.grid)
+        else:  # the crops go through the backbone after the loop, the whole batch's at once
+            crops.append(object_crops(img, full_np, np.asarray([a["bbox"] for a in anns]).reshape(-1, 4),
+                                      context=crop_context, crop_size=crop_size))
+            desc = np.zeros((len(anns), 0), np.float32)
         masks = [
             {**ann, "mask_id": k, "score": float(scores[k]), "descriptor": desc[k].tolist()}
             for k, ann in enumerate(anns)
@@ -125,5 +150,17 @@ def process_batch(
             timings={"backbone_s": (t1 - t0) / B, "maskcut_s": (t2 - t1) / B,
                      "refine_s": time.perf_counter() - tr},
             stuff_grid=None if stuff_grids is None else stuff_grids[b],
+            stuff_classes=None if stuff_classes is None else stuff_classes[b],
         ))
+    if descriptor == "crop_cls":
+        td = time.perf_counter()
+        cls = crop_cls_descriptors(model, torch.cat(crops), batch_size=max(1, B), amp=amp) if crops else None
+        offset = 0
+        for r in results:
+            for m in r.masks:
+                m["descriptor"] = cls[offset].tolist()
+                offset += 1
+        _sync(device)
+        for r in results:
+            r.timings["descriptor_s"] = (time.perf_counter() - td) / B
     return results

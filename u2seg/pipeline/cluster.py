@@ -102,12 +102,21 @@ def run_cluster(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         things = _cluster_one(cfg, root, layout.MASKS, "descriptor", cfg.cluster.things_k, "things",
                               layout.THINGS_CENTROIDS)
         t1 = time.time()
-        stuff = _cluster_one(cfg, root, layout.PATCHES, "feature", cfg.cluster.stuff_k, "stuff",
-                             layout.STUFF_CENTROIDS)
+        if cfg.stuff.method == "kmeans":
+            stuff = _cluster_one(cfg, root, layout.PATCHES, "feature", cfg.cluster.stuff_k, "stuff",
+                                 layout.STUFF_CENTROIDS)
+            stuff_source, k_stuff = layout.STUFF_CENTROIDS, stuff["stats"]["k"]
+        else:  # the stuff classes are the STEGO cluster probe's centres (stuff stage)
+            from u2seg.pipeline.stuff import head_classes
+
+            stuff_source, k_stuff = layout.STUFF_HEAD, head_classes(root)
+            stuff = {"stats": {"method": "stego", "k": k_stuff}, "sizes": []}
         t2 = time.time()
         root.write_json(layout.CLUSTER_SIZES, {"things": things["sizes"], "stuff": stuff["sizes"]})
-        root.write_json(layout.CLUSTER_FIT, {"centroids": layout.centroid_digest(root), "masks_parts": len(names),
-                                             "things": things["stats"], "stuff": stuff["stats"]})
+        root.write_json(layout.CLUSTER_FIT, {
+            "k_things": things["stats"]["k"], "k_stuff": k_stuff,
+            "classes": layout.file_digest(root, layout.THINGS_CENTROIDS, stuff_source),
+            "masks_parts": len(names), "things": things["stats"], "stuff": stuff["stats"]})
         todo = names
     else:  # assign_new: the centroids stay, so existing pseudo-class ids never change under users
         fit = root.read_json(layout.CLUSTER_FIT)
@@ -129,7 +138,7 @@ def run_cluster(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     t3 = time.time()
     log.info("cluster: things k=%d, stuff k=%d; %d masks assigned now", things["stats"]["k"], stuff["stats"]["k"],
              assigned)
-    digest = root.read_json(layout.CLUSTER_FIT)["centroids"]
+    digest = layout.classes_digest(root)
     return {"things": things["stats"], "stuff": stuff["stats"], "refit": refit, "masks_assigned": assigned,
             "parts_assigned": len(todo),
             "phase_seconds": {"things": round(t1 - t0, 3), "stuff": round(t2 - t1, 3), "assign": round(t3 - t2, 3)},

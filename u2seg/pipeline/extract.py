@@ -59,6 +59,7 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     t0 = time.time()
     sums: dict[str, float] = {"images": 0, "errors": 0, "masks": 0, "write_s": 0.0}
     timings: dict[str, float] = {}
+    stuff_head = root.read_bytes(layout.STUFF_HEAD) if cfg.stuff.method == "stego" else None
     if todo > 0:
         ds = ray.data.read_parquet(manifest, filesystem=root.pyarrow_fs(), columns=["image_id", "uri", "version"])
         if len(done):
@@ -74,7 +75,7 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
                                        "retry_s": cfg.run.storage.retry_s})
         ds = ds.map_batches(MaskCutActor, batch_size=extract_cfg.batch_size, compute=ray.data.ActorPoolStrategy(
             size=extract_cfg.num_actors), num_gpus=gpus, num_cpus=extract_cfg.cpus_per_actor,
-            fn_constructor_kwargs={"cfg_dict": cfg.to_dict()})
+            fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "stuff_head": stuff_head})
         ds = ds.map_batches(write_group, batch_size=extract_cfg.rows_per_part, num_cpus=0.5,
                             fn_kwargs={"root": root, "token": run_token(root)})
         with Progress(todo, "extract", unit="img") as bar:

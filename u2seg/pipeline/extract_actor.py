@@ -50,9 +50,10 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
 
 
 class MaskCutActor:
-    """Holds the backbone on its device; turns a batch of decoded images into per-image results."""
+    """Holds the backbone (and the stuff head) on its device; turns a batch of decoded images into per-image
+    results."""
 
-    def __init__(self, cfg_dict: dict[str, Any]):
+    def __init__(self, cfg_dict: dict[str, Any], stuff_head: bytes | None = None):
         import torch
 
         from u2seg.config import config_from_dict
@@ -65,12 +66,18 @@ class MaskCutActor:
         self.model = build_backbone(extract_cfg.backbone, extract_cfg.weights, image_size=extract_cfg.image_size,
                                     seed=self.cfg.run.seed, storage_options=self.cfg.run.storage.storage_options()
                                     ).to(self.device).eval()
+        self.stuff_head = None
+        if stuff_head is not None:
+            from u2seg.pipeline.stuff import load_head
+
+            self.stuff_head = load_head(stuff_head).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return run_model_batch(self.model, batch, self.cfg, self.device)
+        return run_model_batch(self.model, batch, self.cfg, self.device, self.stuff_head)
 
 
-def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, device: Any) -> dict[str, np.ndarray]:
+def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, device: Any,
+                    stuff_head: Any = None) -> dict[str, np.ndarray]:
     """Backbone + MaskCut on the decodable images of a batch; images that failed to decode pass through as
     errors. A failing model call is split down to single images (``batch_retry.call_per_item``): only an
     image failing alone with an error of its own becomes an error row; out-of-memory and device errors are
@@ -86,11 +93,15 @@ def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, 
     msg = [str(x) for x in batch["message"]]
     ok_idx = [i for i in range(n) if ok[i]]
     images = [batch["image"][i] for i in ok_idx]
+    kmeans_stuff = stuff_head is None
+
     def model_call(imgs: list[np.ndarray]) -> list[Any]:
         return process_batch(model, imgs, image_size=extract_cfg.image_size, tau=extract_cfg.tau,
                              n_masks=extract_cfg.n_masks, solver=extract_cfg.solver, refine=extract_cfg.refine,
                              patches_per_image=0, amp=extract_cfg.amp, seed=cfg.run.seed,
-                             stuff=(extract_cfg.stuff_grid, extract_cfg.stuff_dim))
+                             stuff=(extract_cfg.stuff_grid, extract_cfg.stuff_dim) if kmeans_stuff else None,
+                             stuff_head=stuff_head, descriptor=extract_cfg.descriptor,
+                             crop_context=extract_cfg.crop_context, crop_size=extract_cfg.crop_size)
 
     results: dict[int, Any] = {}
     for i, out in zip(ok_idx, call_per_item(model_call, images, what="extract model"), strict=True):
@@ -104,13 +115,14 @@ def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, 
         if r is None:
             payload.append(b"")
             continue
-        grid = r.stuff_grid
-        feats, rows, cols = sample_grid_cells(grid, extract_cfg.patches_per_image,
-                                              image_seed(batch["image"][i], cfg.run.seed))
-        payload.append(pickle.dumps({
-            "height": r.height, "width": r.width, "masks": r.masks, "timings": r.timings,
-            "stuff_grid": grid.numpy(), "patches": (feats.numpy(), rows.numpy(), cols.numpy()),
-        }, protocol=5))
+        result = {"height": r.height, "width": r.width, "masks": r.masks, "timings": r.timings}
+        if r.stuff_classes is not None:
+            result["stuff_classes"] = r.stuff_classes
+        else:
+            feats, rows, cols = sample_grid_cells(r.stuff_grid, extract_cfg.patches_per_image,
+                                                  image_seed(batch["image"][i], cfg.run.seed))
+            result.update(stuff_grid=r.stuff_grid.numpy(), patches=(feats.numpy(), rows.numpy(), cols.numpy()))
+        payload.append(pickle.dumps(result, protocol=5))
     return {"image_id": batch["image_id"], "uri": batch["uri"], "version": batch["version"], "ok": np.array(ok),
             "error_class": np.array(err, dtype=object), "message": np.array(msg, dtype=object),
             "result": np.array(payload, dtype=object)}

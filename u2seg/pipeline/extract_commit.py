@@ -163,20 +163,28 @@ def rows_for_tables(batch: dict[str, np.ndarray]) -> dict[str, Any]:
             errors.append({"image_id": image_id, "uri": uri, "stage": "extract",
                            "error_class": str(batch["error_class"][i]) or "Error", "message": str(batch["message"][i])})
             images.append({"image_id": image_id, "uri": uri, "status": "error", "version": version, "width": -1,
-                           "height": -1, "n_masks": 0, "grid_h": 0, "grid_w": 0, "stuff_grid": [], "stuff_dim": 0})
+                           "height": -1, "n_masks": 0, "grid_h": 0, "grid_w": 0, "stuff_grid": [], "stuff_dim": 0,
+                           "stuff_classes": []})
             continue
         r = pickle.loads(blob)
         for m in r["masks"]:
             masks.append({"image_id": image_id, "mask_id": m["mask_id"], "rle": m["rle"], "bbox": m["bbox"],
                           "area": int(m["area"]), "score": float(m["score"]), "descriptor": m["descriptor"],
                           "image_width": r["width"], "image_height": r["height"]})
-        feats, rows, cols = r["patches"]
-        for f, rr, cc in zip(feats, rows, cols, strict=True):
-            patches.append({"image_id": image_id, "feature": f, "row": int(rr), "col": int(cc)})
-        grid = r["stuff_grid"]
-        images.append({"image_id": image_id, "uri": uri, "status": "ok", "version": version, "width": r["width"],
-                       "height": r["height"], "n_masks": len(r["masks"]), "grid_h": grid.shape[0],
-                       "grid_w": grid.shape[1], "stuff_grid": grid.reshape(-1), "stuff_dim": grid.shape[2]})
+        row = {"image_id": image_id, "uri": uri, "status": "ok", "version": version, "width": r["width"],
+               "height": r["height"], "n_masks": len(r["masks"])}
+        if "stuff_classes" in r:  # STEGO: a stuff class per patch
+            classes = r["stuff_classes"]
+            row.update(grid_h=classes.shape[0], grid_w=classes.shape[1], stuff_grid=[], stuff_dim=0,
+                       stuff_classes=classes.reshape(-1))
+        else:  # the k-means baseline: pooled features, and a sample of patch features to cluster
+            feats, rows, cols = r["patches"]
+            for f, rr, cc in zip(feats, rows, cols, strict=True):
+                patches.append({"image_id": image_id, "feature": f, "row": int(rr), "col": int(cc)})
+            grid = r["stuff_grid"]
+            row.update(grid_h=grid.shape[0], grid_w=grid.shape[1], stuff_grid=grid.reshape(-1), stuff_dim=grid.shape[2],
+                       stuff_classes=[])
+        images.append(row)
         for k, v in r["timings"].items():
             timings[k] = timings.get(k, 0.0) + v
     return {"masks": masks, "patches": patches, "errors": errors, "images": images, "timings": timings}

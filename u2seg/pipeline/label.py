@@ -25,11 +25,11 @@ log = logging.getLogger(__name__)
 def label_group(name: str, root: RunRoot, label_cfg: LabelConfig, inputs: str) -> dict[str, Any]:
     """Label every ok image of extract group ``name`` (a ledger part); write its PNGs, then its fragment
     (recording ``inputs``, the centroids' digest). Returns counts."""
-    from u2seg.labels import decode_mask, panoptic_merge, stuff_map
+    from u2seg.labels import decode_mask, panoptic_merge
 
-    stuff_centroids = layout.load_npy(root, layout.STUFF_CENTROIDS)
-    k_things = len(layout.load_npy(root, layout.THINGS_CENTROIDS))
-    labels = LabelSet(root, layout.LABELS, k_things, len(stuff_centroids))
+    k_things, k_stuff = layout.class_counts(root)
+    labels = LabelSet(root, layout.LABELS, k_things, k_stuff)
+    stuff_centroids = layout.load_npy(root, layout.STUFF_CENTROIDS) if root.exists(layout.STUFF_CENTROIDS) else None
     images = layout.read_part(root, layout.part(layout.LEDGER, name))
     masks = layout.read_part(root, layout.part(layout.MASKS, name), ["image_id", "mask_id", "rle", "score"])
     by_image: dict[str, list[dict]] = {}
@@ -49,15 +49,14 @@ def label_group(name: str, root: RunRoot, label_cfg: LabelConfig, inputs: str) -
     for img in images.to_pylist():
         if img["status"] != "ok":
             continue
-        image_id, h, w = img["image_id"], img["height"], img["width"]
-        gh, gw, dim = img["grid_h"], img["grid_w"], img["stuff_dim"]
-        grid = np.asarray(img["stuff_grid"], np.float32).reshape(gh * gw, dim)
-        stuff = stuff_map(grid, (gh, gw), stuff_centroids, (h, w), smooth=label_cfg.stuff_smooth)
+        image_id = img["image_id"]
+        stuff = image_stuff_map(img, stuff_centroids, label_cfg.stuff_smooth)
         ms = sorted(by_image.get(image_id, []), key=lambda m: m["mask_id"])
         result = panoptic_merge([decode_mask(m["rle"]) for m in ms], [int(m["cluster_id"]) for m in ms],
                                 [float(m["score"]) for m in ms], stuff, k_things=k_things,
                                 k_stuff=labels.k_stuff, min_stuff_area=label_cfg.min_stuff_area,
-                                min_thing_area=label_cfg.min_thing_area)
+                                min_thing_area=label_cfg.min_thing_area, thing_order=label_cfg.thing_order,
+                                stuff_overlap_drop=label_cfg.stuff_overlap_drop)
         things = [s for s in result.segments_info if s["category_id"] <= k_things]
         fragment.add(*labels.write_image(
             group, image_id, img["uri"], result.seg_ids, result.segments_info, semantic=result.semantic,
@@ -68,6 +67,22 @@ def label_group(name: str, root: RunRoot, label_cfg: LabelConfig, inputs: str) -
     return {"images": len(fragment.images), "segments": n_segments, "instances": len(fragment.instances)}
 
 
+def image_stuff_map(img: dict[str, Any], stuff_centroids: np.ndarray | None, smooth: int) -> np.ndarray:
+    """One image's stuff class per pixel: the STEGO head's class per patch, nearest-upsampled to the image and
+    majority-smoothed; or (k-means baseline) the nearest stuff centroid of its pooled features."""
+    from u2seg.labels import mode_filter, stuff_map, upsample_nearest
+
+    h, w, gh, gw = img["height"], img["width"], img["grid_h"], img["grid_w"]
+    classes = img.get("stuff_classes")
+    if classes is not None and len(classes):
+        classes = np.asarray(classes, np.int32).reshape(gh, gw)
+        return mode_filter(upsample_nearest(classes, (h, w)), smooth)
+    if stuff_centroids is None:
+        raise FileNotFoundError(f"label: {img['uri']} has pooled stuff features but cluster/stuff.npy is missing")
+    grid = np.asarray(img["stuff_grid"], np.float32).reshape(gh * gw, img["stuff_dim"])
+    return stuff_map(grid, (gh, gw), stuff_centroids, (h, w), smooth=smooth)
+
+
 def run_label(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     import ray
 
@@ -76,7 +91,7 @@ def run_label(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         raise FileNotFoundError(f"no extract outputs in {root.uri}: run `u2seg extract` first")
     k_things, k_stuff = layout.class_counts(root)
     labels = LabelSet(root, layout.LABELS, k_things, k_stuff)
-    inputs = layout.centroid_digest(root)
+    inputs = layout.classes_digest(root)
     # a group stays labelled while its extract group exists and the centroids are the ones it was made with
     current = {layout.group_stem(p): p for p in parts}
     valid = {g for g, made_from in labels.group_inputs().items() if g in current and made_from == inputs}

@@ -71,16 +71,23 @@ class Stage:
         return layout.marker(self.folder, name)
 
 
-_UP_TO_LABEL = ("manifest", "extract", "cluster", "label")
+_UP_TO_LABEL = ("manifest", "stuff", "extract", "cluster", "label")
+# The stuff head reads the backbone's tokens: these extract knobs decide what it is trained on.
+_STUFF_SECTIONS = ("manifest", "stuff", "extract.backbone", "extract.weights")
 
 STAGES: tuple[Stage, ...] = (
     Stage("manifest", layout.MANIFEST, (layout.MANIFEST,), ("manifest",), (),
           "u2seg.pipeline.manifest:run_manifest", False, "reset",
           "list every input image into manifest/*.parquet (relisted on every run: manifest.refresh)"),
-    Stage("extract", "extract", ("extract",), ("manifest", "extract"), ("manifest",),
+    Stage("stuff", layout.STUFF, (layout.STUFF,), _STUFF_SECTIONS, ("manifest",),
+          "u2seg.pipeline.stuff:run_stuff", True, "reset",
+          "train STEGO's stuff head and cluster probe on frozen backbone features (Ray Train), or load one",
+          incremental=True),
+    Stage("extract", "extract", ("extract",), ("manifest", "stuff", "extract"), ("manifest", "stuff"),
           "u2seg.pipeline.extract:run_extract", True, "reset",
-          "backbone features and MaskCut masks per image (Ray Data actor pool)", incremental=True),
-    Stage("cluster", "cluster", ("cluster",), ("manifest", "extract", "cluster"), ("extract",),
+          "backbone features, MaskCut masks, thing descriptors and stuff classes per image (Ray Data actors)",
+          incremental=True),
+    Stage("cluster", "cluster", ("cluster",), ("manifest", "stuff", "extract", "cluster"), ("extract",),
           "u2seg.pipeline.cluster:run_cluster", True, "reset",
           "k-means of mask descriptors (things) and patch features (stuff); every mask's class",
           incremental=True),

@@ -170,7 +170,8 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
     train_cfg = cfg.train
     k_things, k_stuff = layout.class_counts(root)
     label_dir = layout.round_labels(round_idx)
-    rows = label_set_rows(LabelSet(root, label_dir, k_things, k_stuff))
+    rows = label_set_rows(LabelSet(root, label_dir, k_things, k_stuff),
+                          skip_without_things=train_cfg.images_without_things == "skip")
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = train_cfg.use_gpu == "yes" or (train_cfg.use_gpu == "auto" and gpus >= train_cfg.num_workers)
     name = layout.round_name(round_idx)

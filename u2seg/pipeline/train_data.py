@@ -16,13 +16,16 @@ from u2seg.io import RunRoot
 from u2seg.io.labelset import LabelSet
 
 
-def label_set_rows(labels: LabelSet) -> list[dict[str, Any]]:
-    """One small row per labelled image (the fragments are read one at a time)."""
+def label_set_rows(labels: LabelSet, *, skip_without_things: bool = False) -> list[dict[str, Any]]:
+    """One small row per labelled image (the fragments are read one at a time); with ``skip_without_things``
+    images whose label holds no thing segment are left out (U2Seg drops them from training)."""
     rows = [{"uri": im.uri, "image_id": im.image_id, "png": im.png, "segments": json.dumps(im.segments)}
-            for im in labels.iter_images()]
+            for im in labels.iter_images()
+            if not skip_without_things or any(s["category_id"] <= labels.k_things for s in im.segments)]
     if not rows:
-        raise FileNotFoundError(f"no labelled images under {labels.root.join(labels.prefix)}: run `u2seg label` "
-                                "first")
+        raise FileNotFoundError(f"no labelled images to train on under {labels.root.join(labels.prefix)}"
+                                + (" (none has a thing; train.images_without_things=train keeps them)"
+                                   if skip_without_things else ": run `u2seg label` first"))
     return rows
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -586,8 +586,12 @@ def stego_train_step(
     *,
     loss_cfg: StegoTrainConfig,
     generator: torch.Generator | None = None,
+    reduce_gradients: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One STEGO training step on backbone features of a batch and of each image's kNN positive.
+
+    ``reduce_gradients`` runs between the backward pass and the optimiser steps: data-parallel training
+    averages the gradients across ranks there (the step is then that of the union of the ranks' batches).
 
     Order as LitUnsupervisedSegmenter.training_step: zero both optimisers; code of the batch then of the
     positives (train-mode dropout, one draw per branch, then one on the features the loss compares when
@@ -622,6 +626,8 @@ def stego_train_step(
     if not torch.isfinite(total):
         raise FloatingPointError(f"STEGO loss is not finite ({total.item()}); check the features for NaN/inf")
     total.backward()
+    if reduce_gradients is not None:
+        reduce_gradients()
     net_optim.step()
     probe_optim.step()
 
