@@ -127,36 +127,36 @@ def test_nightly_rerun_over_a_changed_folder(ray_cluster, tmp_path, pool):
     forced = run_pipeline(cfg, stages=UP_TO_LABEL, force=True)["stages"]
     assert forced["extract"]["processed_now"] == 1 and forced["extract"]["departed"] == 1
     assert not [u for u in _uri_of(root).values() if u.endswith(names[1])]
-    check_run_root_consistent(root)
+    check_run_root_consistent(root, UP_TO_LABEL)
 
     # case 3: refit: new centroids, every group relabelled from the new assignments
     refit_cfg = tiny_config(str(run), [str(src)], None, *TRAIN_KNOBS, "cluster.refit=always")
     refit = run_pipeline(refit_cfg, stages=UP_TO_LABEL)["stages"]
     assert refit["cluster"]["refit"] is True and refit["label"]["groups_labelled"] == refit["label"]["parts"]
-    check_run_root_consistent(root)
+    check_run_root_consistent(root, UP_TO_LABEL)
 
 
 def test_a_stage_run_alone_checks_its_upstream(ray_cluster, tmp_path, pool, capsys):
-    """Case 4: labelling with things_k=6 over a things_k=4 clustering refuses, naming the knob; the pipeline
+    """Case 4: labelling with things_k=3 over a things_k=4 clustering refuses, naming the knob; the pipeline
     then reruns cluster and label and says why."""
     src, run = tmp_path / "images", tmp_path / "run"
     _fill(src, pool, _names(pool)[:6])
     cfg = tiny_config(str(run), [str(src)], None)
     run_pipeline(cfg, stages=UP_TO_LABEL)
-    six = tiny_config(str(run), [str(src)], None, "cluster.things_k=6")
+    three = tiny_config(str(run), [str(src)], None, "cluster.things_k=3")
     from u2seg.pipeline.run_stage import run_stage
 
-    with pytest.raises(UpstreamError, match=r"cluster\.things_k 4 -> 6"):
-        run_stage("label", six)
+    with pytest.raises(UpstreamError, match=r"cluster\.things_k 4 -> 3"):
+        run_stage("label", three)
     capsys.readouterr()
-    overrides = [f"run.run_root={run}", f"manifest.inputs=[{src}]", *_tiny_overrides(), "cluster.things_k=6"]
+    overrides = [f"run.run_root={run}", f"manifest.inputs=[{src}]", *_tiny_overrides(), "cluster.things_k=3"]
     assert main(["label", *overrides]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("u2seg: error: label: cluster in") and "things_k 4 -> 6" in err[0]
-    rerun = run_pipeline(six, stages=UP_TO_LABEL)["stages"]
+    assert len(err) == 1 and err[0].startswith("u2seg: error: label: cluster in") and "things_k 4 -> 3" in err[0]
+    rerun = run_pipeline(three, stages=UP_TO_LABEL)["stages"]
     assert rerun["extract"].get("skipped")
-    assert rerun["cluster"]["reason"] == "config changed: cluster.things_k 4 -> 6"
-    assert rerun["label"]["reason"] == "cluster changed" and rerun["label"]["k_things"] == 6
+    assert rerun["cluster"]["reason"] == "config changed: cluster.things_k 4 -> 3"
+    assert rerun["label"]["reason"] == "config changed: cluster.things_k 4 -> 3" and rerun["label"]["k_things"] == 3
     check_run_root_consistent(RunRoot(str(run)))
 
 
@@ -169,7 +169,7 @@ def _tiny_overrides() -> list[str]:
 def test_a_run_root_spelled_otherwise_moved_or_inside_its_input_resumes(ray_cluster, tmp_path, pool, monkeypatch):
     """Cases 5, 6, 7: the run root lives inside the input folder (never listed), with a symlink loop, a
     dangling link, a .gif and a symlink beside its target among the inputs; '/x', '/x/', a relative path and
-    a copy of the run root all find every stage done."""
+    the run root moved elsewhere all find every stage done."""
     src = tmp_path / "data"
     _fill(src, pool, _names(pool)[:5])
     os.symlink(src / _names(pool)[0], src / "alias.png")        # the same image twice: one manifest row
@@ -195,8 +195,8 @@ def test_a_run_root_spelled_otherwise_moved_or_inside_its_input_resumes(ray_clus
     for spelling in (f"{run}/", "runs/x", "./runs/x/"):            # case 5: spelling is not meaning
         st = run_pipeline(tiny_config(spelling, [str(src)], None), stages=UP_TO_LABEL)["stages"]
         assert all(st[s].get("skipped") for s in UP_TO_LABEL[1:]), (spelling, {s: st[s].get("reason") for s in st})
-    moved = tmp_path / "moved"
-    shutil.copytree(run, moved, symlinks=True)
+    moved = tmp_path / "moved"  # moved out of its input folder (a copy left behind would be another run's files)
+    shutil.move(str(run), str(moved))
     st = run_pipeline(tiny_config(str(moved), [str(src)], None), stages=UP_TO_LABEL)["stages"]
     assert all(st[s].get("skipped") for s in UP_TO_LABEL[1:]), {s: st[s].get("reason") for s in st}
     check_run_root_consistent(RunRoot(str(moved)))

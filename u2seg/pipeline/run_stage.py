@@ -40,10 +40,10 @@ def consumed_fingerprints(root: RunRoot, st: Stage, cfg: U2SegConfig) -> dict[st
 
 
 def why_run(st: Stage, marker: dict[str, Any] | None, config_hash: str, values: dict[str, Any],
-            consumed: dict[str, str], cfg: U2SegConfig) -> str | None:
+            consumed: dict[str, str], cfg: U2SegConfig, started: bool = False) -> str | None:
     """Why the stage must run, or None when it is done with this config and these inputs."""
     if marker is None:
-        return "not run yet" if not st.upstream else "not finished"
+        return "interrupted: resuming" if started else "not run yet"
     if marker.get("config_hash") != config_hash:
         return "config changed: " + config_changes(marker.get("config", {}), values)
     changed = [name for name in st.upstream if marker.get("consumed", {}).get(name) != consumed.get(name)]
@@ -94,7 +94,8 @@ def run_stage(name: str, cfg: U2SegConfig, *, force: bool = False, wait_for_leas
         h, values = st.config_hash(cfg), st.config_values(cfg)
         consumed = consumed_fingerprints(root, st, cfg)
         marker = read_marker(root, st)
-        reason = "forced (--force)" if force else why_run(st, marker, h, values, consumed, cfg)
+        reason = "forced (--force)" if force else why_run(st, marker, h, values, consumed, cfg,
+                                                          started=root.exists(st.marker(layout.STARTED)))
         if reason is None:
             log.info("%s: done with this config and inputs, skipped", name)
             stats = root.read_json(st.marker(layout.STATS)) if root.exists(st.marker(layout.STATS)) else {}
