@@ -219,10 +219,9 @@ def test_evaluate_on_s3(s3, caplog):
     make_synthetic(world, N_IMAGES, seed=3, min_size=48, max_size=80, storage_options=s3.storage_options())
     run = s3.uri(f"run-{uuid.uuid4().hex[:8]}")
     so = s3.storage_options()
-    cfg = load_config(None, [f"run.run_root={run}",
-                             f"run.storage.endpoint_url={so['client_kwargs']['endpoint_url']}",
-                             f"run.storage.key={so['key']}", f"run.storage.secret={so['secret']}",
-                             "run.storage.region=us-east-1",
+    storage = [f"run.storage.endpoint_url={so['client_kwargs']['endpoint_url']}", f"run.storage.key={so['key']}",
+               f"run.storage.secret={so['secret']}", "run.storage.region=us-east-1"]
+    cfg = load_config(None, [f"run.run_root={run}", *storage,
                              *[o for o in gt_overrides(world) if "gt_panoptic_dir" not in o]])
     root = RunRoot(run, cfg.run.storage.storage_options())  # as the stage runner opens it
     write_prediction(root, world, so, noise=True)
@@ -231,6 +230,19 @@ def test_evaluate_on_s3(s3, caplog):
     assert stats["images"] == N_IMAGES and 0.2 < stats["pq"] < 0.99
     check_outputs(root, stats)
     assert not [r for r in caplog.records if r.name == "u2seg.pipeline.evaluate"]  # source images read
+
+    # U2Seg's supercategory ground truth made on S3 (storage from the run.storage overrides), then scored against
+    sup = f"{world}/gt/panoptic_supercategory.json"
+    assert main(["gt-supercategory", "--panoptic-json", f"{world}/gt/panoptic.json", "--out-json", sup,
+                 *storage]) == 0
+    sup_cfg = load_config(None, [f"run.run_root={run}", *storage, f"evaluate.gt_panoptic_json={sup}",
+                                 f"evaluate.gt_instances_json={world}/gt/instances.json", "evaluate.protocols=[u2seg]"])
+    sup_stats = run_evaluate_labels(sup_cfg, root)
+    metrics = root.read_json("eval/labels", "metrics.json")
+    assert metrics["summary"]["gt_categories"] == 6 + 1  # the world's things and its one stuff supercategory
+    record = root.read_json("eval/labels", "mapping.json")["protocols"]["u2seg"]
+    assert set(record["stuff"]["mapping"].values()) == {301}  # every voting stuff cluster -> the supercategory
+    assert sup_stats["images"] == N_IMAGES and sup_stats["protocol"] == "u2seg" and sup_stats["pq_stuff"] > 0
 
 
 def test_cli_evaluate_and_missing_gt(tmp_path, world, capsys):
