@@ -1,4 +1,4 @@
-"""`u2seg` command line: one subcommand per stage, plus pipeline, synth, bench and config.
+"""`u2seg` command line: one subcommand per stage, plus pipeline, synth, gt-supercategory, bench and config.
 
 Stage commands take ``--config FILE`` (or a built-in name: demo, coco, imagenet) and dotted overrides
 after it, e.g. ``u2seg extract --config demo extract.tau=0.2 run.run_root=s3://bucket/run``.
@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from u2seg.config import U2SegConfig, explain, load_config
-from u2seg.errors import UserError
+from u2seg.errors import InputsError, UserError
 from u2seg.pipeline.stages import STAGES
 
 log = logging.getLogger("u2seg")
@@ -67,6 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-size", type=int, default=160)
     p.add_argument("--max-size", type=int, default=320)
 
+    p = sub.add_parser("gt-supercategory", help="U2Seg's stuff-supercategory ground truth from a COCO panoptic "
+                       "set: stuff relabeled to its supercategory (ids 301..), things kept, PNGs copied; point "
+                       "evaluate.gt_panoptic_json at the result for U2Seg's paper protocol")
+    p.add_argument("--panoptic-json", required=True, help="COCO panoptic JSON (local path or s3:// URI)")
+    p.add_argument("--png-dir", default=None, help="its PNG folder; default: the JSON's name without .json")
+    p.add_argument("--out-json", required=True, help="the supercategory panoptic JSON to write")
+    p.add_argument("--out-dir", default=None, help="its PNG folder; default: --out-json without .json")
+    p.add_argument("--offset", type=int, default=None, help="supercategory k gets id offset + k (default 300, "
+                   "as U2Seg)")
+    p.add_argument("--merge-stuff", action="store_true", help="also merge an image's stuff segments of one "
+                   "supercategory into one (rewrites PNGs; stricter than U2Seg, which keeps them apart)")
+    p.add_argument("--config", "-c", default=None, help="YAML file or built-in name, for run.storage.*")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.storage.endpoint_url=http://...")
+
     p = sub.add_parser("bench", help="benchmarks; each writes JSON and prints a table")
     p.add_argument("what", choices=["maskcut", "extract", "cluster", "train", "manifest"])
     p.add_argument("--out", default="bench-results", help="folder or s3:// prefix for the JSON")
@@ -109,6 +123,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         info = make_synthetic(args.out, args.n, seed=args.seed, min_size=args.min_size, max_size=args.max_size)
         print(json.dumps(info, indent=2, default=str))
         return 0
+    if cmd == "gt-supercategory":
+        return _gt_supercategory(args)
     if cmd == "bench":
         setup_logging()
         from u2seg.bench.cli import run_bench
@@ -128,6 +144,30 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "evaluate" and cfg.evaluate.target == "model":
         cmd = "evaluate_model"
     print(json.dumps(run_stage(cmd, cfg, force=args.force, wait_for_lease_s=args.wait), indent=2, default=str))
+    return 0
+
+
+def _without_json(uri: str, flag: str) -> str:
+    if not uri.endswith(".json"):
+        raise UserError(f"pass {flag}: its default is the JSON's name without .json, and {uri} does not end in .json")
+    return uri[:-5]
+
+
+def _gt_supercategory(args: argparse.Namespace) -> int:
+    """`u2seg gt-supercategory`: write U2Seg's supercategory version of a panoptic set (local or s3://)."""
+    from u2seg.evaluate.supercategory import SUPERCATEGORY_OFFSET, write_supercategory_set
+
+    cfg = _load(args)
+    png_dir = args.png_dir or _without_json(args.panoptic_json, "--png-dir")
+    out_dir = args.out_dir or _without_json(args.out_json, "--out-dir")
+    offset = SUPERCATEGORY_OFFSET if args.offset is None else args.offset
+    try:
+        stats = write_supercategory_set(args.panoptic_json, png_dir, args.out_json, out_dir,
+                                        cfg.run.storage.storage_options(), offset=offset,
+                                        merge_stuff=args.merge_stuff)
+    except FileNotFoundError as exc:
+        raise InputsError(f"gt-supercategory: an input is missing: {exc}") from exc
+    print(json.dumps({"panoptic_json": args.out_json, "png_dir": out_dir, **stats}, indent=2))
     return 0
 
 

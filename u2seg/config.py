@@ -281,8 +281,19 @@ class EvaluateConfig:
     gt_instances_json: str | None = knob(None, "COCO instances JSON (path/URI)")
     gt_panoptic_json: str | None = knob(None, "COCO panoptic JSON (path/URI)")
     gt_panoptic_dir: str | None = knob(None, "folder of COCO panoptic PNGs (path/URI)")
-    matching: Literal["hungarian", "majority"] = knob("hungarian", "pseudo-class to GT-class mapping: "
-                                                      "one-to-one Hungarian, or many-to-one majority")
+    protocols: list[Literal["hungarian", "majority", "u2seg"]] = knob(  # noqa: RUF009
+        ["hungarian", "u2seg"],
+        "evaluation protocols, each scored on its own (metrics.json holds one block per protocol, the first "
+        "leads the stage's stats): hungarian = one-to-one pseudo->gt mapping by pixel overlap (things to "
+        "things, stuff to stuff), PQ with stuff merged per class, mIoU with unmapped pixels as misses, mask "
+        "and box AP (class-aware and class-agnostic); majority = the same with a many-to-one mapping (each "
+        "pseudo class -> the gt class it overlaps most); u2seg = U2Seg's own evaluation code: things mapped "
+        "by votes of detections scoring >= 0.6 with box IoU > 0.7, stuff by per-image IoU > 0.15 votes, "
+        "many-to-one, PQ with mapped stuff segments kept apart, mIoU over a single 'things' class plus the "
+        "gt stuff classes with unmapped pixels ignored and classes without gt pixels left out (also as "
+        "U2Seg's in-place relabel gives it: semantic_inplace), box AP only. For U2Seg's paper numbers "
+        "point evaluate.gt_panoptic_json at a set made by `u2seg gt-supercategory`",
+        lambda v: bool(v) and len(set(v)) == len(v), "a non-empty list of distinct protocols")
     report_images: int = knob(12, "images shown in eval/report.html", _non_negative, ">= 0")
     target: Literal["labels", "model"] = knob("labels", "evaluate the pseudo-labels or the trained "
                                               "model's predictions")

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from u2seg.evaluate.summary import HEADLINE_ROWS, dig, protocol_blocks
 from u2seg.io import RunRoot, layout
 from u2seg.io.images import ImageDecodeError
 from u2seg.io.inputs import InputUnreachableError, read_image
@@ -215,6 +216,8 @@ def category_names(root: RunRoot) -> dict[int, str]:
     k_things, k_stuff = class_counts(root)
     names = {c["id"]: c["name"] for c in pseudo_categories(k_things, k_stuff)}
     mapping = read_json_if(root, f"{layout.EVAL_LABELS}/mapping.json") or {}
+    if "protocols" in mapping:  # the first (leading) protocol's mapping names the classes
+        mapping = next(iter(mapping["protocols"].values()), {})
     for cid, gt_name in (mapping.get("mapped_names") or {}).items():
         if int(cid) in names:
             names[int(cid)] = f"{names[int(cid)]} → {gt_name}"
@@ -588,53 +591,26 @@ def training_curves(root: RunRoot, *, max_keys: int = 6, max_points: int = 5000)
 
 # ----------------------------------------------------------------------------- tables
 
-# (row label, path into metrics.json, percent?)
-EVAL_ROWS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
-    ("images evaluated", ("images", "evaluated"), False),
-    ("mapped categories", ("summary", "mapped_categories"), False),
-    ("PQ", ("panoptic", "All", "pq"), True),
-    ("SQ", ("panoptic", "All", "sq"), True),
-    ("RQ", ("panoptic", "All", "rq"), True),
-    ("PQ things", ("panoptic", "Things", "pq"), True),
-    ("PQ stuff", ("panoptic", "Stuff", "pq"), True),
-    ("mIoU", ("semantic", "miou"), True),
-    ("pixel accuracy", ("semantic", "pixel_accuracy"), True),
-    ("AP mask", ("instance", "class_aware", "segm", "AP"), True),
-    ("AP50 mask", ("instance", "class_aware", "segm", "AP50"), True),
-    ("AP box", ("instance", "class_aware", "bbox", "AP"), True),
-    ("AP50 box", ("instance", "class_aware", "bbox", "AP50"), True),
-    ("AR100 mask", ("instance", "class_aware", "segm", "AR100"), True),
-    ("class-agnostic AP mask", ("instance", "class_agnostic", "segm", "AP"), True),
-    ("class-agnostic AP50 mask", ("instance", "class_agnostic", "segm", "AP50"), True),
-)
-
-
-def _dig(obj: Any, path: Sequence[str]) -> Any:
-    for p in path:
-        if not isinstance(obj, dict) or p not in obj:
-            return None
-        obj = obj[p]
-    return obj
-
-
 def eval_table(root: RunRoot) -> Table | Note:
-    """Pseudo-labels (eval/labels/) and, once trained, the model (eval/model/) side by side; scores in %."""
+    """Pseudo-labels (eval/labels/) and, once trained, the model (eval/model/) side by side, a column per
+    (target, evaluation protocol), e.g. ``pseudo-labels/hungarian``; scores in %."""
     sources = [(label, read_json_if(root, f"{folder}/metrics.json"))
                for label, folder in (("pseudo-labels", layout.EVAL_LABELS), ("model", layout.EVAL_MODEL))]
     sources = [(label, m) for label, m in sources if m is not None]
     if not sources:
         return Note("no evaluation yet: run `u2seg evaluate` with a labeled set")
-    rows = []
-    for label, path, pct in EVAL_ROWS:
-        values = [_dig(m, path) for _, m in sources]
+    columns = [(f"{label}/{protocol}", m, block) for label, m in sources
+               for protocol, block in protocol_blocks(m).items()]
+    rows = [["images evaluated", *[dig(m, ("images", "evaluated")) for _, m, _ in columns]]]
+    for label, path, pct in HEADLINE_ROWS:
+        values = [dig(block, path) for _, _, block in columns]
         if all(v is None for v in values):
             continue
         rows.append([label, *[f"{100 * v:.1f}" if pct and isinstance(v, int | float) else v
                               for v in values]])
-    gt = _dig(sources[0][1], ("summary", "ground_truth"))
-    matching = _dig(sources[0][1], ("summary", "matching"))
-    notes = [f"ground truth: {gt}; pseudo -> gt mapping: {matching}; scores in %"] if gt else []
-    return Table(["metric", *[label for label, _ in sources]], rows, "evaluation", notes)
+    gt = dig(sources[0][1], ("summary", "ground_truth"))
+    notes = [f"ground truth: {gt}; a column per (target, protocol); scores in %"] if gt else []
+    return Table(["metric", *[name for name, _, _ in columns]], rows, "evaluation", notes)
 
 
 def _flatten(stats: dict[str, Any], prefix: str = "", depth: int = 2) -> list[tuple[str, Any]]:

@@ -121,7 +121,7 @@ def test_notebook_runs_on_tiny_run(tiny_run, tmp_path, monkeypatch):
     assert all(min(img.shape[:2]) > 100 and img.std() > 10 for img in images)  # drawn, not blank
     html = _text(outputs, "text/html")
     assert "<table" in html and ">PQ<" in html and ">mIoU<" in html and ">AP mask<" in html
-    assert ">pseudo-labels<" in html and ">model<" not in html
+    assert ">pseudo-labels/hungarian<" in html and ">pseudo-labels/u2seg<" in html and ">model/" not in html
     for stage in ("manifest", "stuff", "extract", "cluster", "label", "evaluate"):
         assert f"<td>{stage}</td><td>done</td>" in html
     assert "no training yet" in _text(outputs, "text/markdown")
@@ -139,7 +139,8 @@ def test_viz_on_s3_root_with_training_and_model_metrics(tiny_run, s3):
     partial_line = '\n{"step": 20, "lo'  # a log still being written
     root.write_text("train/round-1/metrics.jsonl", "\n".join(lines[:4]) + partial_line)
     metrics = root.read_json("eval/labels/metrics.json")
-    metrics["panoptic"]["All"]["pq"] = 0.5
+    for block in metrics["protocols"].values():
+        block["panoptic"]["All"]["pq"] = 0.5
     root.write_json("eval/model/metrics.json", metrics)
 
     opened = viz.open_run(root.uri, json.dumps(so))
@@ -151,9 +152,10 @@ def test_viz_on_s3_root_with_training_and_model_metrics(tiny_run, s3):
     assert isinstance(viz.training_curves(opened), viz.Png)
 
     table = viz.eval_table(opened)
-    assert table.columns == ["metric", "pseudo-labels", "model"]
+    assert table.columns == ["metric", "pseudo-labels/hungarian", "pseudo-labels/u2seg", "model/hungarian",
+                             "model/u2seg"]
     pq_row = next(r for r in table.rows if r[0] == "PQ")
-    assert pq_row[2] == "50.0" and pq_row[1] != "50.0"
+    assert pq_row[3] == pq_row[4] == "50.0" and pq_row[1] != "50.0"
 
     sample = viz.sample_images(opened, 100)
     assert len(sample) == N_WORLD and viz.sample_images(opened, 2) == viz.sample_images(opened, 2)

@@ -1,7 +1,9 @@
 """Evaluate stage end to end: synthetic ground truth turned into permuted "predictions", locally and on S3.
 
 A prediction that is the ground truth with pseudo category ids (a fixed permutation) must score
-PQ = mIoU = AP = 1 after Hungarian mapping; corrupting some segments must lower the scores.
+PQ = mIoU = AP = 1 under both the Hungarian and U2Seg's protocol; corrupting some segments must lower the
+scores. A hand-built image where the two protocols differ checks their numbers exactly, and the
+`u2seg gt-supercategory` command is run on the synthetic world's ground truth.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import json
 import logging
 import posixpath
 import uuid
+from pathlib import Path
 
+import cv2
 import fsspec
 import numpy as np
 import pytest
@@ -20,8 +24,16 @@ from u2seg.cli import main
 from u2seg.config import ConfigError, load_config
 from u2seg.data.synthetic import make_synthetic
 from u2seg.io import RunRoot
-from u2seg.labels.coco import coco_image_id, decode_panoptic_png, panoptic_png_bytes, pseudo_categories
+from u2seg.labels.coco import (
+    coco_image_id,
+    decode_panoptic_png,
+    instance_annotations,
+    panoptic_png_bytes,
+    pseudo_categories,
+)
 from u2seg.pipeline.evaluate import run_evaluate_labels, run_evaluate_model
+from u2seg.pipeline.markers import mark_done
+from u2seg.pipeline.stages import stage
 
 pytestmark = pytest.mark.integration
 
@@ -95,6 +107,14 @@ def write_prediction(root: RunRoot, world: str, storage_options: dict | None = N
     root.write_json(f"{prefix}/instances.json", {"images": images, "annotations": ins, "categories": cats})
 
 
+def mark_upstream(root: RunRoot, cfg, *names: str) -> None:
+    """Mark stages done with ``cfg`` (the written predictions stand in for their outputs), as the stage
+    runner's upstream check requires before an evaluation."""
+    for name in names:
+        st = stage(name)
+        mark_done(root, st, st.config_hash(cfg), {}, config=st.config_values(cfg))
+
+
 def gt_overrides(world: str) -> list[str]:
     return [f"evaluate.gt_panoptic_json={world}/gt/panoptic.json",
             f"evaluate.gt_panoptic_dir={world}/gt/panoptic",
@@ -123,13 +143,20 @@ def stuff_in_both_parities(world: str) -> int:
     return both[0]
 
 
-def check_outputs(root: RunRoot, stats: dict, out: str = "eval/labels") -> None:
+def check_outputs(root: RunRoot, stats: dict, out: str = "eval/labels",
+                  protocols: tuple[str, ...] = ("hungarian", "u2seg")) -> None:
     metrics = root.read_json(out, "metrics.json")
-    assert metrics["panoptic"]["All"]["pq"] == pytest.approx(stats["pq"])
-    assert root.read_json(out, "mapping.json")["mapping"]
+    assert list(metrics["protocols"]) == list(protocols) == list(stats["protocols"])
+    assert stats["protocol"] == protocols[0]
+    for p in protocols:
+        assert metrics["protocols"][p]["panoptic"]["All"]["pq"] == pytest.approx(stats["protocols"][p]["pq"])
+    assert metrics["protocols"][protocols[0]]["panoptic"]["All"]["pq"] == pytest.approx(stats["pq"])
+    mappings = root.read_json(out, "mapping.json")["protocols"]
+    assert list(mappings) == list(protocols) and all(mappings[p]["mapping"] for p in protocols)
     html = root.read_text(out, "report.html")
-    assert "<table" in html and "PQ" in html and "mIoU" in html
-    assert html.count("data:image/png;base64,") == 3 * 4  # 3 samples x 4 tiles
+    assert "<table" in html and "PQ" in html and "mIoU" in html and "protocols side by side" in html
+    # 3 samples x (image, gt, then prediction and errors per protocol)
+    assert html.count("data:image/png;base64,") == 3 * (2 + 2 * len(protocols))
 
 
 def test_evaluate_local_perfect_noisy_majority_model(tmp_path, world):
@@ -145,9 +172,20 @@ def test_evaluate_local_perfect_noisy_majority_model(tmp_path, world):
         assert stats[key] == pytest.approx(1.0), key
     for key in ("ap_segm", "ap_bbox", "ap_agnostic_segm", "ap_agnostic_bbox", "ar100_segm"):
         assert stats[key] == pytest.approx(1.0, abs=1e-6), key
-    mapping = {int(k): v for k, v in root.read_json("eval/labels", "mapping.json")["mapping"].items()}
+    u2 = stats["protocols"]["u2seg"]
+    for key in ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "pixel_accuracy"):
+        assert u2[key] == pytest.approx(1.0), key
+    assert u2["ap_bbox"] == pytest.approx(1.0, abs=1e-6) and "ap_segm" not in u2  # U2Seg: box AP only
     inverse = {v: k for k, v in PERM.items()}
-    assert mapping and all(inverse[p] == g for p, g in mapping.items())
+    records = root.read_json("eval/labels", "mapping.json")["protocols"]
+    for p in ("hungarian", "u2seg"):
+        mapping = {int(k): v for k, v in records[p]["mapping"].items()}
+        assert mapping and all(inverse[q] == g for q, g in mapping.items()), p
+    assert records["u2seg"]["mapping"] == records["hungarian"]["mapping"]  # every class present got a vote
+    # U2Seg's in-place relabel chains through this permutation's cluster ids: its mIoU is below the intended 1.0
+    assert u2["miou_inplace"] < 0.99 and records["u2seg"]["semantic_inplace_mapping"] != \
+        records["u2seg"]["semantic_mapping"]
+    assert records["u2seg"]["thing_evidence"] == "gt instances"
     check_outputs(root, stats)
 
     write_prediction(root, world, noise=True)
@@ -161,10 +199,13 @@ def test_evaluate_local_perfect_noisy_majority_model(tmp_path, world):
     write_prediction(root, world, split_stuff=stuff_in_both_parities(world))
     hung = run_evaluate_labels(cfg, root)
     maj = run_evaluate_labels(load_config(None, [f"run.run_root={run}", *gt_overrides(world),
-                                          "evaluate.matching=majority"]), root)
+                                          "evaluate.protocols=[majority]"]), root)
     assert hung["pq_stuff"] < 0.99 and hung["pq_things"] == pytest.approx(1.0)
+    assert maj["protocol"] == "majority" and list(maj["protocols"]) == ["majority"]
     assert maj["pq"] == pytest.approx(1.0) and maj["miou"] == pytest.approx(1.0)
     assert maj["mapped_categories"] == hung["mapped_categories"] + 1
+    u2 = hung["protocols"]["u2seg"]  # votes map the split class's two pseudo ids too (one per image each)
+    assert u2["pq"] == pytest.approx(1.0) and u2["mapped_categories"] == maj["mapped_categories"]
 
     # the model's predictions (predict/) score into eval/model/
     write_prediction(root, world, prefix="predict")
@@ -178,10 +219,9 @@ def test_evaluate_on_s3(s3, caplog):
     make_synthetic(world, N_IMAGES, seed=3, min_size=48, max_size=80, storage_options=s3.storage_options())
     run = s3.uri(f"run-{uuid.uuid4().hex[:8]}")
     so = s3.storage_options()
-    cfg = load_config(None, [f"run.run_root={run}",
-                             f"run.storage.endpoint_url={so['client_kwargs']['endpoint_url']}",
-                             f"run.storage.key={so['key']}", f"run.storage.secret={so['secret']}",
-                             "run.storage.region=us-east-1",
+    storage = [f"run.storage.endpoint_url={so['client_kwargs']['endpoint_url']}", f"run.storage.key={so['key']}",
+               f"run.storage.secret={so['secret']}", "run.storage.region=us-east-1"]
+    cfg = load_config(None, [f"run.run_root={run}", *storage,
                              *[o for o in gt_overrides(world) if "gt_panoptic_dir" not in o]])
     root = RunRoot(run, cfg.run.storage.storage_options())  # as the stage runner opens it
     write_prediction(root, world, so, noise=True)
@@ -190,6 +230,19 @@ def test_evaluate_on_s3(s3, caplog):
     assert stats["images"] == N_IMAGES and 0.2 < stats["pq"] < 0.99
     check_outputs(root, stats)
     assert not [r for r in caplog.records if r.name == "u2seg.pipeline.evaluate"]  # source images read
+
+    # U2Seg's supercategory ground truth made on S3 (storage from the run.storage overrides), then scored against
+    sup = f"{world}/gt/panoptic_supercategory.json"
+    assert main(["gt-supercategory", "--panoptic-json", f"{world}/gt/panoptic.json", "--out-json", sup,
+                 *storage]) == 0
+    sup_cfg = load_config(None, [f"run.run_root={run}", *storage, f"evaluate.gt_panoptic_json={sup}",
+                                 f"evaluate.gt_instances_json={world}/gt/instances.json", "evaluate.protocols=[u2seg]"])
+    sup_stats = run_evaluate_labels(sup_cfg, root)
+    metrics = root.read_json("eval/labels", "metrics.json")
+    assert metrics["summary"]["gt_categories"] == 6 + 1  # the world's things and its one stuff supercategory
+    record = root.read_json("eval/labels", "mapping.json")["protocols"]["u2seg"]
+    assert set(record["stuff"]["mapping"].values()) == {301}  # every voting stuff cluster -> the supercategory
+    assert sup_stats["images"] == N_IMAGES and sup_stats["protocol"] == "u2seg" and sup_stats["pq_stuff"] > 0
 
 
 def test_cli_evaluate_and_missing_gt(tmp_path, world, capsys):
@@ -201,6 +254,7 @@ def test_cli_evaluate_and_missing_gt(tmp_path, world, capsys):
         tree["evaluate"][k.split(".")[1]] = yaml.safe_load(v)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(tree))
+    mark_upstream(RunRoot(run), load_config(str(path)), "label")
     assert main(["evaluate", "--config", str(path)]) == 0
     stats = json.loads(RunRoot(run).read_text("eval/labels", "stats.json"))
     assert stats["pq"] == pytest.approx(1.0) and stats["stage"] == "evaluate"
@@ -209,7 +263,9 @@ def test_cli_evaluate_and_missing_gt(tmp_path, world, capsys):
     with pytest.raises(ConfigError, match=r"evaluate\.gt_panoptic_json"):
         run_evaluate_labels(load_config(None, [f"run.run_root={run}"]), RunRoot(run))
     capsys.readouterr()
-    assert main(["evaluate", f"run.run_root={tmp_path / 'other'}"]) == 2
+    other = str(tmp_path / "other")
+    mark_upstream(RunRoot(other), load_config(None, [f"run.run_root={other}"]), "label")
+    assert main(["evaluate", f"run.run_root={other}"]) == 2
     assert "evaluate.gt_panoptic_json" in capsys.readouterr().err
 
 
@@ -225,13 +281,16 @@ def test_model_and_label_evaluations_never_touch_each_other(tmp_path, world):
     write_prediction(root, world, noise=True)
     write_prediction(root, world, prefix="predict")
     base = [f"run.run_root={run}", *gt_overrides(world)]
+    mark_upstream(root, load_config(None, base), "label", "predict")
     assert main(["evaluate", *base]) == 0
     labels_eval = _snapshot(root, "eval/labels")
     assert {"metrics.json", "mapping.json", "report.html", "_SUCCESS", "stats.json"} <= set(labels_eval)
     assert main(["evaluate", *base, "evaluate.target=model"]) == 0
     assert _snapshot(root, "eval/labels") == labels_eval
     model_eval = _snapshot(root, "eval/model")
-    assert root.read_json("eval/model", "metrics.json")["panoptic"]["All"]["pq"] == pytest.approx(1.0)
+    model_metrics = root.read_json("eval/model", "metrics.json")["protocols"]
+    assert model_metrics["hungarian"]["panoptic"]["All"]["pq"] == pytest.approx(1.0)
+    assert model_metrics["u2seg"]["panoptic"]["All"]["pq"] == pytest.approx(1.0)
     assert main(["evaluate", *base, "evaluate.report_images=2"]) == 0  # the labels again, another config
     assert _snapshot(root, "eval/model") == model_eval
     assert _snapshot(root, "eval/labels") != labels_eval
@@ -248,3 +307,141 @@ def test_model_and_label_evaluations_never_touch_each_other(tmp_path, world):
               f"evaluate.gt_panoptic_dir={world}/gt/panoptic"])
     assert _snapshot(root, "eval/labels") == {**labels_eval, "_STARTED": root.read_bytes("eval/labels", "_STARTED")}
     assert _snapshot(root, "eval/model") == model_eval
+
+
+# ----------------------------------------------------------------------------- where the protocols differ
+
+HAND_GT_CATS = [{"id": 1, "name": "box", "supercategory": "object", "isthing": 1},
+                {"id": 2, "name": "sky", "supercategory": "sky", "isthing": 0},
+                {"id": 3, "name": "grass", "supercategory": "plant", "isthing": 0}]
+
+
+def write_hand_case(tmp_path, root: RunRoot) -> list[str]:
+    """One 10x10 image: sky on rows 0-4 (50 px), grass below (41 px) around a 3x3 box (rows 6-8, cols 2-4).
+
+    Pseudo classes (1 thing, 3 stuff): the box is thing 1, grass is stuff 2, and the sky is split in two
+    stuff clusters, 3 on columns 0-5 (30 px) and 4 on columns 6-9 (20 px). Returns the gt overrides.
+    """
+    sky, grass, box = np.zeros((10, 10), bool), np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    sky[:5] = True
+    box[6:9, 2:5] = True
+    grass[5:] = True
+    grass &= ~box
+    gt_ids = np.zeros((10, 10), np.int64)
+    gt_ids[sky], gt_ids[grass], gt_ids[box] = 1, 2, 3
+    gt_dir = tmp_path / "gt"
+    (gt_dir / "panoptic").mkdir(parents=True)
+    (gt_dir / "panoptic" / "a.png").write_bytes(panoptic_png_bytes(gt_ids))
+    (tmp_path / "img").mkdir()
+    cv2.imwrite(str(tmp_path / "img" / "a.png"), np.full((10, 10, 3), 99, np.uint8))
+    gt_image = {"id": 1, "file_name": "a.jpg", "width": 10, "height": 10}
+    segs = [{"id": 1, "category_id": 2, "iscrowd": 0, "area": 50, "bbox": [0, 0, 10, 5]},
+            {"id": 2, "category_id": 3, "iscrowd": 0, "area": 41, "bbox": [0, 5, 10, 5]},
+            {"id": 3, "category_id": 1, "iscrowd": 0, "area": 9, "bbox": [2, 6, 3, 3]}]
+    (gt_dir / "panoptic.json").write_text(json.dumps(
+        {"images": [gt_image], "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": segs}],
+         "categories": HAND_GT_CATS}))
+    gt_inst = instance_annotations(1, [box], [0], None, start_ann_id=1)
+    (gt_dir / "instances.json").write_text(json.dumps(
+        {"images": [gt_image], "annotations": gt_inst, "categories": HAND_GT_CATS[:1]}))
+
+    pred_ids = np.zeros((10, 10), np.int64)
+    left = np.zeros((10, 10), bool)
+    left[:, :6] = True
+    pred_ids[box], pred_ids[grass], pred_ids[sky & left], pred_ids[sky & ~left] = 1, 2, 3, 4
+    pred_segs = [{"id": 1, "category_id": 1, "iscrowd": 0}, {"id": 2, "category_id": 2, "iscrowd": 0},
+                 {"id": 3, "category_id": 3, "iscrowd": 0}, {"id": 4, "category_id": 4, "iscrowd": 0}]
+    image = {"id": 77, "file_name": "a.png", "width": 10, "height": 10, "u2seg_image_id": "a" * 16,
+             "uri": str(tmp_path / "img" / "a.png")}
+    cats = pseudo_categories(1, 3)
+    root.write_bytes("labels/panoptic/g/a.png", panoptic_png_bytes(pred_ids))
+    root.write_json("labels/panoptic.json", {"images": [image], "categories": cats, "annotations": [
+        {"image_id": 77, "file_name": "g/a.png", "segments_info": pred_segs}]})
+    root.write_json("labels/instances.json", {"images": [image], "categories": cats,
+                                              "annotations": instance_annotations(77, [box], [0], [0.9], 1)})
+    return [f"evaluate.gt_panoptic_json={gt_dir}/panoptic.json", f"evaluate.gt_panoptic_dir={gt_dir}/panoptic",
+            f"evaluate.gt_instances_json={gt_dir}/instances.json", "evaluate.report_images=1"]
+
+
+def test_hungarian_and_u2seg_differ_on_a_split_stuff_class(tmp_path):
+    """Hungarian maps one of the two sky clusters (the other is void), U2Seg's votes map both; the numbers
+    follow by hand (module doc of u2seg.pipeline.evaluate):
+    - hungarian: sky = the 30 px cluster, IoU 30/50 = 0.6 -> PQ (1 + 0.6 + 1) / 3; mIoU the same (the 20
+      unmapped sky pixels are misses), pixel accuracy (9 + 30 + 41) / 100;
+    - u2seg: both clusters -> sky, kept apart in PQ: the 30 px one matches (0.6), the 20 px one is a false
+      positive -> sky PQ 0.6 / 1.5 = 0.4, PQ (1 + 0.4 + 1) / 3; mIoU 1 (things, sky, grass all exact);
+      U2Seg's in-place relabel sends grass (cluster 1 in U2Seg's numbering -> label 2 = the key of sky
+      cluster 3 -> label 1) to sky as well: sky IoU 50/91, grass 0, things 1, pixel accuracy 59/100;
+    - majority: both clusters -> sky, merged per image in PQ: everything exact.
+    """
+    run = str(tmp_path / "run")
+    root = RunRoot(run)
+    overrides = write_hand_case(tmp_path, root)
+    cfg = load_config(None, [f"run.run_root={run}", *overrides, "evaluate.protocols=[hungarian, u2seg, majority]"])
+    stats = run_evaluate_labels(cfg, root)
+    hung, u2, maj = (stats["protocols"][p] for p in ("hungarian", "u2seg", "majority"))
+    assert stats["protocol"] == "hungarian" and stats["pq"] == hung["pq"]
+
+    assert hung["mapped_categories"] == 3 and u2["mapped_categories"] == 4 and maj["mapped_categories"] == 4
+    assert hung["pq"] == pytest.approx(2.6 / 3) and hung["pq_stuff"] == pytest.approx(0.8)
+    assert hung["pq_things"] == pytest.approx(1.0) and hung["rq"] == pytest.approx(1.0)
+    assert hung["miou"] == pytest.approx(2.6 / 3) and hung["pixel_accuracy"] == pytest.approx(0.80)
+    assert hung["ap_segm"] == pytest.approx(1.0) and hung["ap_bbox"] == pytest.approx(1.0)
+
+    assert u2["pq"] == pytest.approx(2.4 / 3) and u2["pq_stuff"] == pytest.approx(0.7)
+    assert u2["sq"] == pytest.approx(2.6 / 3) and u2["rq"] == pytest.approx((2 + 2 / 3) / 3)
+    assert u2["pq_things"] == pytest.approx(1.0)
+    assert u2["miou"] == pytest.approx(1.0) and u2["pixel_accuracy"] == pytest.approx(1.0)
+    assert u2["miou_inplace"] == pytest.approx((1 + 50 / 91 + 0) / 3)
+    assert u2["pixel_accuracy_inplace"] == pytest.approx(0.59)
+    assert u2["ap_bbox"] == pytest.approx(1.0) and "ap_segm" not in u2
+
+    assert maj["pq"] == pytest.approx(1.0) and maj["miou"] == pytest.approx(1.0)
+
+    metrics = root.read_json("eval/labels", "metrics.json")["protocols"]
+    sky = metrics["u2seg"]["panoptic"]["per_class"]["2"]
+    assert (sky["tp"], sky["fp"], sky["fn"]) == (1, 1, 0)
+    assert metrics["u2seg"]["summary"]["inplace_relabel_changes_mapping"] is True
+    assert set(metrics["u2seg"]["semantic"]["per_class"]) == {"0", "2", "3"}  # "things" + the gt stuff classes
+    records = root.read_json("eval/labels", "mapping.json")["protocols"]
+    assert records["hungarian"]["mapping"] == {"1": 1, "2": 3, "3": 2}
+    assert records["u2seg"]["mapping"] == {"1": 1, "2": 3, "3": 2, "4": 2}
+    assert records["u2seg"]["stuff"]["winning_votes"] == {"2": 1, "3": 1, "4": 1}
+    assert records["u2seg"]["semantic_inplace_mapping"] == {"0": 0, "2": 2, "3": 2, "4": 2}
+    html = root.read_text("eval/labels", "report.html")
+    assert html.count("data:image/png;base64,") == 2 + 2 * 3 and "per-class PQ side by side" in html
+
+    # without gt instances, U2Seg's thing votes take the gt panoptic boxes: same mapping, no AP
+    no_inst = load_config(None, [f"run.run_root={run}", *overrides[:2], "evaluate.protocols=[u2seg]"])
+    alone = run_evaluate_labels(no_inst, root)
+    assert alone["protocol"] == "u2seg" and alone["pq"] == pytest.approx(u2["pq"]) and "ap_bbox" not in alone
+    record = root.read_json("eval/labels", "mapping.json")["protocols"]["u2seg"]
+    assert record["thing_evidence"] == "gt panoptic segments" and record["mapping"]["1"] == 1
+
+
+def test_cli_gt_supercategory_on_the_synthetic_world(tmp_path, capsys):
+    world = str(tmp_path / "world")
+    assert main(["synth", "--n", "3", "--out", world, "--min-size", "48", "--max-size", "64"]) == 0
+    out_json = str(tmp_path / "sup" / "panoptic_sup.json")
+    capsys.readouterr()
+    assert main(["gt-supercategory", "--panoptic-json", f"{world}/gt/panoptic.json", "--out-json", out_json]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    src = json.loads(Path(f"{world}/gt/panoptic.json").read_text())
+    out = json.loads(Path(out_json).read_text())
+    things = [c for c in src["categories"] if c["isthing"]]
+    supers = sorted({c["supercategory"] for c in src["categories"] if not c["isthing"]})
+    assert [c["id"] for c in out["categories"]] == [c["id"] for c in things] + [301 + k for k in range(len(supers))]
+    stuff_ids = {c["id"] for c in src["categories"] if not c["isthing"]}
+    assert printed["images"] == len(src["annotations"]) == len(out["annotations"])
+    assert printed["stuff_relabeled"] == sum(s["category_id"] in stuff_ids for a in src["annotations"]
+                                             for s in a["segments_info"])
+    for a, b in zip(src["annotations"], out["annotations"], strict=True):
+        assert [s["id"] for s in a["segments_info"]] == [s["id"] for s in b["segments_info"]]
+        assert all(t["category_id"] == (301 if s["category_id"] in stuff_ids else s["category_id"])
+                   for s, t in zip(a["segments_info"], b["segments_info"], strict=True))
+        # the PNG folder defaults to the JSON's name; PNGs are copied byte for byte (U2Seg relabels JSON only)
+        with open(f"{world}/gt/panoptic/{a['file_name']}", "rb") as f1, \
+                open(f"{tmp_path}/sup/panoptic_sup/{b['file_name']}", "rb") as f2:
+            assert f1.read() == f2.read()
+    assert main(["gt-supercategory", "--panoptic-json", f"{tmp_path}/missing.json", "--out-json", out_json]) == 2
+    assert "missing" in capsys.readouterr().err

@@ -42,7 +42,7 @@ BAD_VALUES = [
     ("train.num_workers", "0", "a positive integer"),
     ("train.lr", "-0.1", "> 0"),
     ("train.use_gpu", "sometimes", "one of 'auto', 'yes', 'no'"),
-    ("evaluate.matching", "greedy", "one of 'hungarian', 'majority'"),
+    ("evaluate.protocols", "[]", "a non-empty list of distinct protocols"),
     ("evaluate.report_images", "-3", ">= 0"),
 ]
 
@@ -133,3 +133,20 @@ def test_round_trip_through_dict_and_explain_documents_every_knob():
     for section in ("run.", "manifest.", "extract.", "cluster.", "label.", "train.", "evaluate."):
         assert section in text
     assert "extract.tau = 0.15" in text
+
+
+def test_evaluate_protocols_default_validation_and_hash():
+    assert U2SegConfig().evaluate.protocols == ["hungarian", "u2seg"]
+    assert load_config(None, ["evaluate.protocols=u2seg"]).evaluate.protocols == ["u2seg"]
+    assert load_config(None, ["evaluate.protocols=[majority, hungarian]"]).evaluate.protocols == ["majority",
+                                                                                                 "hungarian"]
+    with pytest.raises(ConfigError, match="distinct"):
+        load_config(None, ["evaluate.protocols=[u2seg, u2seg]"])
+    with pytest.raises(ConfigError, match="one of 'hungarian', 'majority', 'u2seg'") as info:
+        load_config(None, ["evaluate.protocols=[greedy]"])
+    assert info.value.key == "evaluate.protocols[0]"
+    with pytest.raises(ConfigError, match="known key of evaluate"):  # the knob it replaced is gone
+        load_config(None, ["evaluate.matching=hungarian"])
+    other = load_config(None, ["evaluate.protocols=[hungarian]"])
+    assert stage("evaluate").config_hash(other) != stage("evaluate").config_hash(U2SegConfig())
+    assert stage("label").config_hash(other) == stage("label").config_hash(U2SegConfig())

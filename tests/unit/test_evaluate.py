@@ -270,3 +270,70 @@ def test_write_report_html_is_self_contained(tmp_path):
     buf = io.BytesIO()
     write_report(metrics, [], buf)
     assert buf.getvalue().startswith(b"<!DOCTYPE html>")
+
+
+def _block(pq: float, miou: float, *, inplace: float | None = None, ap_box: float | None = None) -> dict:
+    pan = {part: {"pq": pq, "sq": 1.0, "rq": pq, "n": 1} for part in ("All", "Things", "Stuff")}
+    pan["per_class"] = {1: {"pq": pq, "sq": 1.0, "rq": pq, "tp": 1, "fp": 0, "fn": 0}}
+    block = {"summary": {"mapping": "x", "mapped_categories": 3}, "panoptic": pan,
+             "semantic": {"miou": miou, "pixel_accuracy": 0.5, "per_class": {1: {"iou": miou}}}}
+    if inplace is not None:
+        block["semantic_inplace"] = {"miou": inplace, "pixel_accuracy": 0.25}
+    if ap_box is not None:
+        block["instance"] = {"class_aware": {"bbox": {"AP": ap_box, "AP50": None}}}
+    return block
+
+
+def _metrics() -> dict:
+    return {"summary": {"protocols": ["hungarian", "u2seg"], "ground_truth": "gt.json"},
+            "images": {"evaluated": 4, "gt": 5, "gt_without_prediction": 1, "predictions_without_gt": 0},
+            "protocols": {"hungarian": _block(0.8, 0.7), "u2seg": _block(0.6, 0.9, inplace=0.4, ap_box=0.5)}}
+
+
+def test_flat_stats_first_protocol_on_top_and_every_protocol_apart():
+    from u2seg.evaluate.summary import flat_stats, format_table, metric_rows, protocol_blocks
+
+    stats = flat_stats(_metrics(), "labels")
+    assert stats["protocol"] == "hungarian" and stats["pq"] == 0.8 and stats["miou"] == 0.7
+    assert stats["images"] == 4 and stats["gt_without_prediction"] == 1 and "ap_bbox" not in stats
+    u2 = stats["protocols"]["u2seg"]
+    assert u2["pq"] == 0.6 and u2["miou"] == 0.9 and u2["miou_inplace"] == 0.4 and u2["ap_bbox"] == 0.5
+    assert "ap50_bbox" not in u2 and u2["mapped_categories"] == 3  # None (unmeasurable) left out
+    table = format_table(stats)
+    assert "hungarian" in table and "u2seg" in table and "80.0" in table and "in-place" in table
+    lines = metric_rows([("pseudo-labels/hungarian", stats["protocols"]["hungarian"]), ("model/u2seg", u2)])
+    assert lines[1].startswith("pseudo-labels/hungarian ") and "60.0" in lines[2]
+    # a metrics.json from before protocols reads as one block named after its matching
+    legacy = {"summary": {"matching": "majority", "mapped_categories": 2}, "images": _metrics()["images"],
+              **{k: v for k, v in _block(0.3, 0.2).items() if k != "summary"}}
+    assert list(protocol_blocks(legacy)) == ["majority"]
+    assert flat_stats(legacy, "labels")["protocols"]["majority"]["pq"] == 0.3
+
+
+def test_pipeline_summary_has_a_row_per_target_and_protocol():
+    from u2seg.evaluate.summary import flat_stats
+    from u2seg.pipeline.run_pipeline import format_summary
+
+    stats = flat_stats(_metrics(), "labels")
+    text = format_summary({"run_root": "/r", "wall_s": 1.0, "stages": {
+        "evaluate": {**stats, "wall_s": 0.5}, "evaluate_model": {**stats, "skipped": True}}})
+    rows = [line.split()[0] for line in text.splitlines() if line.startswith(("pseudo-labels/", "model/"))]
+    assert rows == ["pseudo-labels/hungarian", "pseudo-labels/u2seg", "model/hungarian", "model/u2seg"]
+    assert "protocol=hungarian" in text
+
+
+def test_report_shows_protocols_side_by_side():
+    from u2seg.evaluate.report import render_report
+
+    gt = np.array([[1, 1], [10, 10]])
+    sample = {"image": np.zeros((2, 2, 3), np.uint8), "gt": gt, "pred": np.array([[5, 5], [7, 8]]), "name": "s"}
+    html = render_report(_metrics(), [sample], category_names={1: "person", 10: "sky"},
+                         mappings={"hungarian": {5: 1, 7: 10}, "u2seg": {5: 1, 7: 10, 8: 10}},
+                         protocol_notes={"hungarian": "one-to-one", "u2seg": "U2Seg's votes"})
+    assert "protocols side by side" in html and "per-class PQ side by side" in html
+    assert "<th>hungarian</th><th>u2seg</th>" in html
+    assert "<td>PQ</td><td>80.0</td><td>60.0</td>" in html
+    assert "<td>mIoU (U2Seg in-place relabel)</td><td>—</td><td>40.0</td>" in html
+    assert "U2Seg&#x27;s votes" in html and "protocol: u2seg" in html
+    assert html.count("data:image/png;base64,") == 2 + 2 * 2
+    assert "hungarian: errors" in html and "pixel acc 75.0" in html and "pixel acc 100.0" in html

@@ -16,8 +16,10 @@ from u2seg.evaluate.supercategory import (
 )
 from u2seg.evaluate.u2seg_protocol import (
     box_iou_xywh,
+    collapse_confusion,
     collapse_things,
     combine_mappings,
+    inplace_semantic_mapping,
     stuff_votes,
     thing_votes,
     thing_votes_coco,
@@ -144,6 +146,41 @@ def test_u2seg_inplace_relabel_chains_through_later_keys():
     assert u2seg_inplace_semantic_mapping({2: 1, 3: 1}, n_clusters=3, ignore_label=16) == {0: 0, 2: 1, 3: 1}
     with pytest.raises(ValueError, match="outside"):
         u2seg_inplace_semantic_mapping({7: 1}, n_clusters=3, ignore_label=16)
+
+
+def test_collapse_confusion_equals_collapsing_the_maps_image_by_image():
+    rng = np.random.default_rng(0)
+    pred = rng.choice([0, 1, 2, 5, 6], size=(2, 9, 9))  # pred things 1, 2; stuff 5, 6; 0 void
+    gt = rng.choice([0, 3, 4, 7, 8], size=(2, 9, 9))  # gt things 3, 4; stuff 7, 8
+    full = OverlapAccumulator()
+    collapsed = OverlapAccumulator(pred_void=100, gt_void=100)  # void moved to 100: "things" is 0
+    for p, g in zip(pred, gt, strict=True):
+        full.add(p, g)
+        collapsed.add(np.where(p == 0, 100, collapse_things(p, [1, 2], 0)),
+                      np.where(g == 0, 100, collapse_things(g, [3, 4], 0)))
+    got, ref = collapse_confusion(full.result(), [1, 2], [3, 4]), collapsed.result()
+    assert got.pred_ids.tolist() == ref.pred_ids.tolist() == [0, 5, 6]
+    assert got.gt_ids.tolist() == ref.gt_ids.tolist() == [0, 7, 8]
+    assert got.counts.tolist() == ref.counts.tolist() and got.unassigned.tolist() == ref.unassigned.tolist()
+    with pytest.raises(ValueError, match="non-thing"):
+        collapse_confusion(full.result(), [1, 2], [3, 4], things_id=5)
+
+
+def test_inplace_semantic_mapping_in_our_ids():
+    # pseudo stuff 12, 13, 14 are U2Seg's clusters 1, 2, 3; gt stuff 301, 302 its labels 1, 2; ignore 3
+    mapping = {12: 302, 13: 301, 14: 301}  # cluster 1 -> label 2, which key 2 (cluster 13) relabels -> 1
+    assert inplace_semantic_mapping(mapping, pred_stuff_ids=[14, 12, 13], gt_stuff_ids=[302, 301]) == \
+        {12: 301, 13: 301, 14: 301, 0: 0}
+    # no chain when no label is a later key
+    assert inplace_semantic_mapping({12: 301, 13: 301, 14: 302}, pred_stuff_ids=[12, 13, 14],
+                                    gt_stuff_ids=[301, 302]) == {12: 301, 13: 301, 14: 302, 0: 0}
+    # an unmapped cluster goes to the ignore label 3 = the key of cluster 14, which relabels it
+    assert inplace_semantic_mapping({14: 302}, pred_stuff_ids=[12, 13, 14], gt_stuff_ids=[301, 302]) == \
+        {12: 302, 13: 302, 14: 302, 0: 0}
+    with pytest.raises(ValueError, match="pseudo stuff"):
+        inplace_semantic_mapping({99: 301}, pred_stuff_ids=[12], gt_stuff_ids=[301])
+    with pytest.raises(ValueError, match="gt stuff"):
+        inplace_semantic_mapping({12: 999}, pred_stuff_ids=[12], gt_stuff_ids=[301])
 
 
 # ----------------------------------------------------------------------------- scorers, U2Seg style

@@ -17,6 +17,8 @@ import cv2
 import fsspec
 import numpy as np
 
+from u2seg.evaluate.summary import HEADLINE_ROWS, dig
+
 logger = logging.getLogger(__name__)
 
 # metrics shown as percentages; everything else as plain numbers
@@ -248,25 +250,26 @@ def _chips(labels: np.ndarray, void_label: int, names: Mapping[int, str], limit:
     return "".join(chips) + more
 
 
-def _sample_block(sample: Mapping, names: Mapping[int, str], mapping: Mapping[int, int] | None,
+def _sample_block(sample: Mapping, names: Mapping[int, str], mappings: Mapping[str, Mapping[int, int] | None],
                   void_label: int, max_width: int) -> str:
+    """One sample row: the image, the gt, then the mapped prediction and its errors under each mapping."""
     image = np.asarray(sample["image"])
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     image = image[..., :3].astype(np.uint8)
     gt = np.asarray(sample["gt"]).astype(np.int64)
-    pred = _apply_mapping(np.asarray(sample["pred"]).astype(np.int64), mapping, void_label)
-    image, gt, pred = _resize(image, gt, pred, max_width)
+    raw = np.asarray(sample["pred"]).astype(np.int64)
+    image, gt, raw = _resize(image, gt, raw, max_width)
     valid = gt != void_label
-    acc = float((pred[valid] == gt[valid]).mean()) if valid.any() else 0.0
-    tiles = [
-        (image, "image"),
-        (overlay(image, gt, void_label), "ground truth " + _chips(gt, void_label, names)),
-        (overlay(image, pred, void_label), "prediction " + _chips(pred, void_label, names)),
-        (error_overlay(image, gt, pred, void_label),
-         f"errors: <b style='color:#c22'>wrong</b> / <b style='color:#1a8a45'>right</b> / grey void "
-         f"· pixel acc {100 * acc:.1f}"),
-    ]
+    tiles = [(image, "image"), (overlay(image, gt, void_label), "ground truth " + _chips(gt, void_label, names))]
+    for protocol, mapping in mappings.items():
+        pred = _apply_mapping(raw, mapping, void_label)
+        acc = float((pred[valid] == gt[valid]).mean()) if valid.any() else 0.0
+        tag = f"{html.escape(protocol)}: " if protocol else ""
+        tiles += [(overlay(image, pred, void_label), f"{tag}prediction " + _chips(pred, void_label, names)),
+                  (error_overlay(image, gt, pred, void_label),
+                   f"{tag}errors: <b style='color:#c22'>wrong</b> / <b style='color:#1a8a45'>right</b> / grey "
+                   f"void · pixel acc {100 * acc:.1f}")]
     name = html.escape(str(sample.get("name", "")))
     h, w = image.shape[:2]
     size = f"width='{w}' height='{h}'"  # CSS scales the tile to its column, keeping the aspect
@@ -275,24 +278,87 @@ def _sample_block(sample: Mapping, names: Mapping[int, str], mapping: Mapping[in
     return f"<div class='row-name'>{name}</div>{figs}"
 
 
+def _side_by_side(blocks: Mapping[str, Mapping], notes: Mapping[str, str]) -> str:
+    """The headline numbers of every protocol, a column each."""
+    head = "<tr><th>metric</th>" + "".join(f"<th>{html.escape(p)}</th>" for p in blocks) + "</tr>"
+    body = ""
+    for label, path, pct in HEADLINE_ROWS:
+        values = [dig(b, path) for b in blocks.values()]
+        if all(v is None for v in values):
+            continue
+        cells = "".join(f"<td>{_fmt(path[-1] if pct else 'n', v) if v is not None else '—'}</td>"
+                        for v in values)
+        body += f"<tr><td>{html.escape(label)}</td>{cells}</tr>"
+    legend = "".join(f"<li><b>{html.escape(p)}</b>: {html.escape(n)}</li>" for p, n in notes.items() if p in blocks)
+    return (f"<h2>protocols side by side</h2><table>{head}{body}</table>"
+            + (f"<ul class='note'>{legend}</ul>" if legend else ""))
+
+
+def _per_class_side_by_side(blocks: Mapping[str, Mapping], names: Mapping[int, str]) -> str:
+    """Per gt class PQ (TP/FP/FN) under every protocol, classes any protocol scored, best first."""
+    per = {p: (dig(b, ("panoptic", "per_class")) or {}) for p, b in blocks.items()}
+    classes: list[str] = []
+    for rows in per.values():
+        for cid, row in rows.items():
+            if isinstance(row, Mapping) and row.get("tp", 0) + row.get("fp", 0) + row.get("fn", 0) > 0 \
+                    and str(cid) not in classes:
+                classes.append(str(cid))
+    if not classes:
+        return ""
+    first = next(iter(per.values()))
+
+    def row_of(rows: Mapping, cid: str) -> Mapping | None:
+        return rows.get(cid, rows.get(int(cid))) if cid.lstrip("-").isdigit() else rows.get(cid)
+
+    classes.sort(key=lambda c: -float((row_of(first, c) or {}).get("pq", 0.0)))
+    head = "<tr><th>class</th>" + "".join(f"<th>{html.escape(p)} PQ</th>" for p in per) + "</tr>"
+    body = ""
+    for cid in classes:
+        label = names.get(int(cid), cid) if cid.lstrip("-").isdigit() else cid
+        cells = ""
+        for rows in per.values():
+            r = row_of(rows, cid)
+            cells += (f"<td>{100 * float(r.get('pq', 0.0)):.1f} · {r.get('tp', 0)}/{r.get('fp', 0)}/{r.get('fn', 0)}"
+                      "</td>" if r else "<td>—</td>")
+        body += f"<tr><td>{html.escape(str(label))}</td>{cells}</tr>"
+    return ("<h2>per-class PQ side by side</h2><div class='note'>PQ · TP/FP/FN</div>"
+            f"<table>{head}{body}</table>")
+
+
 def render_report(metrics: Mapping, samples: Sequence[Mapping], *, title: str = "u2seg evaluation",
                   category_names: Mapping[int, str] | None = None, thing_ids: Sequence[int] = (),
-                  mapping: Mapping[int, int] | None = None, void_label: int = 0, max_width: int = 320) -> str:
+                  mapping: Mapping[int, int] | None = None,
+                  mappings: Mapping[str, Mapping[int, int]] | None = None,
+                  protocol_notes: Mapping[str, str] | None = None, void_label: int = 0,
+                  max_width: int = 320) -> str:
     """The report as an HTML string (see `write_report`)."""
     names = {int(k): str(v) for k, v in (category_names or {}).items()}
     things = {int(t) for t in thing_ids}
     body = [f"<h1>{html.escape(title)}</h1>",
             "<p class='note'>Scores are percentages (×100) except counts. Pseudo categories were mapped to "
-            "ground-truth categories before scoring.</p>"]
-    top = {"metrics": metrics} if "All" in metrics else metrics
-    for k, v in top.items():
-        if isinstance(v, Mapping):
-            body.append(_section(str(k), v, names, things))
-        else:
-            body.append(_kv_table({k: v}))
+            "ground-truth categories before scoring, by each protocol's own rule.</p>"]
+    if isinstance(metrics.get("protocols"), Mapping):
+        blocks = metrics["protocols"]
+        for k, v in metrics.items():
+            if k != "protocols" and isinstance(v, Mapping):
+                body.append(_section(str(k), v, names, things))
+        body.append(_side_by_side(blocks, protocol_notes or {}))
+        body.append(_per_class_side_by_side(blocks, names))
+        for p, block in blocks.items():
+            body.append(_section(f"protocol: {p}", block, names, things))
+    else:
+        top = {"metrics": metrics} if "All" in metrics else metrics
+        for k, v in top.items():
+            if isinstance(v, Mapping):
+                body.append(_section(str(k), v, names, things))
+            else:
+                body.append(_kv_table({k: v}))
     if samples:
-        body.append("<h2>samples</h2><div class='grid'>")
-        body += [_sample_block(s, names, mapping, void_label, max_width) for s in samples]
+        tile_maps: Mapping[str, Mapping[int, int] | None] = mappings if mappings else {"": mapping}
+        columns = 2 + 2 * len(tile_maps)
+        body.append(f"<h2>samples</h2><div class='grid' style='grid-template-columns:repeat({columns},"
+                    "minmax(0,300px))'>")
+        body += [_sample_block(s, names, tile_maps, void_label, max_width) for s in samples]
         body.append("</div>")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
@@ -306,7 +372,10 @@ def write_report(metrics: Mapping, samples: Sequence[Mapping],
 
     samples: dicts with "image" (uint8 HxWx3 RGB), "gt" and "pred" (HxW category-id maps; pred in
     pseudo ids when `mapping` is passed, else already in gt ids) and "name".
-    render_kwargs: title, category_names {id: name}, thing_ids, mapping, void_label (default 0), max_width.
+    render_kwargs: title, category_names {id: name}, thing_ids, mapping, void_label (default 0), max_width;
+    with metrics holding one block per protocol under "protocols" (the evaluate stage's metrics.json), the
+    protocols are shown side by side, `mappings` {protocol: mapping} gives each sample a prediction and
+    an error tile per protocol and `protocol_notes` {protocol: one line} explains each column.
     """
     text = render_report(metrics, samples, **render_kwargs)
     data = text.encode("utf-8")

@@ -269,3 +269,62 @@ def u2seg_inplace_semantic_mapping(mapping: Mapping[int, int], *, n_clusters: in
             if cur == key:
                 final[src] = assign[key]
     return {k: v for k, v in final.items() if v != ignore_label}
+
+
+THINGS_ID = 0  # U2Seg's semantic "things" class; free in a `Confusion` (void is never a row or a column)
+
+
+def collapse_confusion(conf: Confusion, pred_thing_ids: Iterable[int], gt_thing_ids: Iterable[int], *,
+                       things_id: int = THINGS_ID) -> Confusion:
+    """The confusion U2Seg's semantic evaluation sees: every thing category, on each side, summed into one id.
+
+    Pixel counts add, so this equals accumulating the `collapse_things` maps image by image (no second
+    pass over the PNGs). `things_id` must not be a stuff id of either side.
+    """
+    pred_things = {int(i) for i in pred_thing_ids}
+    gt_things = {int(i) for i in gt_thing_ids}
+    for side, ids, things in (("pred", conf.pred_ids, pred_things), ("gt", conf.gt_ids, gt_things)):
+        if things_id in {int(i) for i in ids.tolist()} - things:
+            raise ValueError(f"things_id {things_id} is a non-thing {side} category id")
+
+    def relabel(ids: np.ndarray, things: set[int]) -> tuple[np.ndarray, np.ndarray]:
+        new = np.asarray([things_id if int(i) in things else int(i) for i in ids.tolist()], dtype=np.int64)
+        out, inv = np.unique(new, return_inverse=True)
+        return out, inv.reshape(-1)
+
+    p_ids, p_inv = relabel(conf.pred_ids, pred_things)
+    g_ids, g_inv = relabel(conf.gt_ids, gt_things)
+    counts = np.zeros((len(p_ids), len(g_ids)), dtype=np.int64)
+    np.add.at(counts, (p_inv[:, None], g_inv[None, :]), conf.counts)
+    unassigned = np.zeros(len(g_ids), dtype=np.int64)
+    np.add.at(unassigned, g_inv, conf.unassigned)
+    return Confusion(p_ids, g_ids, counts, unassigned)
+
+
+def inplace_semantic_mapping(stuff_mapping: Mapping[int, int], *, pred_stuff_ids: Iterable[int],
+                             gt_stuff_ids: Iterable[int], things_id: int = THINGS_ID) -> dict[int, int]:
+    """`u2seg_inplace_semantic_mapping` in this package's ids: what U2Seg's semantic numbers really used.
+
+    Numbered as U2Seg numbers its semantic head and ground truth: pseudo stuff ids in ascending order
+    are clusters 1..K, gt stuff ids in ascending order are labels 1..n, things are 0 on both sides and
+    the ignore label is n + 1. The relabel chain therefore depends on the order of the cluster ids (a
+    permutation of the k-means ids changes it). Returns pseudo stuff id -> gt stuff id (or `things_id`)
+    plus {things_id: things_id}; clusters that end on the ignore label are left out (unmapped).
+    """
+    pred = sorted({int(i) for i in pred_stuff_ids})
+    gt = sorted({int(i) for i in gt_stuff_ids})
+    rank = {p: r for r, p in enumerate(pred, start=1)}
+    label = {g: k for k, g in enumerate(gt, start=1)}
+    numbered: dict[int, int] = {0: 0}
+    for p, g in stuff_mapping.items():
+        p, g = int(p), int(g)
+        if p not in rank:
+            raise ValueError(f"stuff mapping key {p} is not one of the pseudo stuff ids")
+        if g not in label:
+            raise ValueError(f"stuff mapping sends {p} to {g}, not one of the gt stuff ids")
+        numbered[rank[p]] = label[g]
+    final = u2seg_inplace_semantic_mapping(numbered, n_clusters=len(pred), ignore_label=len(gt) + 1)
+    back = {0: int(things_id), **{k: g for g, k in label.items()}}
+    out = {pred[r - 1]: back[v] for r, v in final.items() if r != 0}
+    out[int(things_id)] = back[final.get(0, 0)]
+    return out

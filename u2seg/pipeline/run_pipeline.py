@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from u2seg.config import U2SegConfig
-from u2seg.evaluate.summary import format_value, metric_rows
+from u2seg.evaluate.summary import format_value, metric_rows, per_protocol
 from u2seg.pipeline.lease import hold_lease
 from u2seg.pipeline.run_stage import open_root, run_stage
 from u2seg.pipeline.stages import EVALUATION_STAGES, PIPELINE
@@ -17,7 +17,7 @@ from u2seg.pipeline.stages import EVALUATION_STAGES, PIPELINE
 log = logging.getLogger(__name__)
 
 _RESULT_KEYS = ("images", "manifest_images", "errors", "masks_assigned", "instances", "segments_now", "steps",
-                "pq", "miou")
+                "protocol", "pq", "miou")
 _METRIC_LABELS = {"evaluate": "pseudo-labels", "evaluate_model": "model"}
 
 
@@ -54,7 +54,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         if not st.get("skipped") and st.get("reason"):
             desc += f"  ({st['reason']})"
         lines.append(f"{name:<16}{wall:>9}  {desc}")
-    rows = [(_METRIC_LABELS[n], st) for n, st in summary["stages"].items() if n in _METRIC_LABELS]
+    rows = [(f"{_METRIC_LABELS[n]}/{p}" if p else _METRIC_LABELS[n], pst)  # one row per (target, protocol)
+            for n, st in summary["stages"].items() if n in _METRIC_LABELS for p, pst in per_protocol(st).items()]
     if rows:
         lines += ["", *metric_rows(rows)]
     lines.append(f"outputs: {summary['run_root']} (labels/, eval/labels/report.html, eval/model/, train/)  "
