@@ -171,6 +171,101 @@ def test_panoptic_merge_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError):
         panoptic_merge(masks, classes[:2], scores, stuff, k_things=K_THINGS)
 
+    with pytest.raises(ValueError, match="thing_order"):
+        panoptic_merge(masks, classes, scores, stuff, k_things=K_THINGS, thing_order="mask_area")
+    with pytest.raises(ValueError, match="stuff_overlap_drop"):
+        panoptic_merge(masks, classes, scores, stuff, k_things=K_THINGS, stuff_overlap_drop=1.5)
+
+
+# U2Seg's rule (generate_pseudo_panoptic.py); its parity with the reference script is measured in scratch.
+U2SEG = {"thing_order": "bbox_area", "stuff_overlap_drop": 0.7, "min_stuff_area": 0, "min_thing_area": 0}
+
+
+def _box_mask(y0: int, y1: int, x0: int, x1: int, hw: tuple[int, int] = (12, 12)) -> np.ndarray:
+    m = np.zeros(hw, bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_bbox_area_order_uses_the_box_not_the_mask_area() -> None:
+    sparse = np.zeros((12, 12), bool)
+    sparse[np.arange(10), np.arange(10)] = True  # diagonal: 10 px, bbox 10x10 = 100
+    solid = _box_mask(2, 8, 2, 8)  # 36 px, bbox 36: smaller box, so painted later and wins overlaps
+    res = panoptic_merge([solid, sparse], [0, 1], [0.9, 0.1], np.zeros((12, 12), int), k_things=2, **U2SEG)
+    by_src = {src: seg for seg, src in res.thing_sources.items()}
+    assert res.seg_ids[4, 4] == by_src[0]  # diagonal pixel inside the solid box goes to the solid one
+    assert res.seg_ids[0, 0] == by_src[1] and res.seg_ids[9, 9] == by_src[1]
+    assert by_src[1] < by_src[0]  # ids in paint order: larger bbox first
+    # Mask area would rank them the other way round, and so does score here.
+    assert panoptic_merge([solid, sparse], [0, 1], [0.9, 0.1], np.zeros((12, 12), int), k_things=2,
+                          min_stuff_area=0).seg_ids[4, 4] == 1
+    # Only the box matters, not where the mask is inside it: hollow frame vs solid 6x6.
+    frame = _box_mask(0, 7, 0, 7) & ~_box_mask(1, 6, 1, 6)  # 24 px, bbox 49
+    res2 = panoptic_merge([frame, _box_mask(0, 6, 0, 6)], [0, 1], None, np.zeros((12, 12), int), k_things=2,
+                          **U2SEG)
+    assert res2.semantic[0, 0] == 2  # the solid 6x6 (bbox 36 < 49) is painted later and wins (0, 0)
+    assert res2.semantic[6, 6] == 1
+
+
+def test_bbox_area_smaller_overwrites_and_fully_covered_thing_is_dropped() -> None:
+    big = _box_mask(0, 10, 0, 10)
+    left, right = _box_mask(0, 10, 0, 5), _box_mask(0, 10, 5, 10)  # together cover big exactly
+    small = _box_mask(3, 6, 3, 6)
+    res = panoptic_merge([small, big], [0, 1], None, np.zeros((12, 12), int), k_things=3, **U2SEG)
+    info = {s["id"]: s for s in res.segments_info}
+    by_src = {src: seg for seg, src in res.thing_sources.items()}
+    assert info[by_src[0]]["area"] == 9 and info[by_src[1]]["area"] == 100 - 9
+    assert (res.seg_ids[3:6, 3:6] == by_src[0]).all()
+    lost = panoptic_merge([big, left, right, small], [2, 0, 1, 0], None, np.zeros((12, 12), int), k_things=3,
+                          **U2SEG)
+    assert sorted(lost.thing_sources.values()) == [1, 2, 3]  # big (input 0) kept no pixel
+    assert 3 not in [s["category_id"] for s in lost.segments_info]
+    assert not (lost.semantic == 3).any() and (lost.seg_ids[:10, :10] > 0).all()
+    assert [s["id"] for s in lost.segments_info] == [1, 2, 3, 4]  # dense ids, stuff after things
+
+
+def test_bbox_area_ties_keep_input_order_later_overwrites() -> None:
+    a, b = _box_mask(0, 4, 0, 6), _box_mask(2, 6, 3, 9)  # both 4x6 = 24
+    res = panoptic_merge([a, b], [0, 1], None, np.zeros((12, 12), int), k_things=2, **U2SEG)
+    assert res.semantic[3, 4] == 2  # overlap: b painted after a
+    res_swapped = panoptic_merge([b, a], [1, 0], None, np.zeros((12, 12), int), k_things=2, **U2SEG)
+    assert res_swapped.semantic[3, 4] == 1
+    assert [res.thing_sources[s] for s in sorted(res.thing_sources)] == [0, 1]
+
+
+def test_stuff_overlap_drop_threshold_is_strict_and_uses_all_class_pixels() -> None:
+    stuff = np.zeros((10, 10), int)
+    stuff[:, 5:] = 1  # class 0: the left 50 px
+    for covered, dropped in ((7, False), (8, True)):  # 35/50 = 0.7 exactly (kept), 40/50 = 0.8 (skipped)
+        thing = _box_mask(0, covered, 0, 5, (10, 10))
+        res = panoptic_merge([thing], [0], None, stuff, k_things=1, **U2SEG)
+        stuff_cats = [s["category_id"] for s in res.segments_info if s["id"] not in res.thing_sources]
+        assert stuff_cats == ([3] if dropped else [2, 3]), covered  # stuff s -> k_things + 1 + s
+        free_left = res.seg_ids[covered:, :5]
+        assert (free_left == 0).all() == dropped
+        assert (res.seg_ids[:, 5:] > 0).all()
+    # The same image with the score order: the rule is independent of thing_order.
+    thing = _box_mask(0, 8, 0, 5, (10, 10))
+    assert (panoptic_merge([thing], [0], [1.0], stuff, k_things=1, min_stuff_area=0,
+                           stuff_overlap_drop=0.7).seg_ids[8:, :5] == 0).all()
+    # Without the rule the 10 free pixels are the class's segment.
+    assert (panoptic_merge([thing], [0], [1.0], stuff, k_things=1, min_stuff_area=0).seg_ids[8:, :5] > 0).all()
+    # Only kept things count as covering: a thing dropped by min_thing_area does not hide stuff.
+    kept = panoptic_merge([thing], [0], None, stuff, k_things=1, thing_order="bbox_area", stuff_overlap_drop=0.7,
+                          min_stuff_area=0, min_thing_area=41)
+    assert kept.thing_sources == {} and (kept.semantic[:, :5] == 2).all()
+
+
+def test_bbox_area_filters_hand_pixels_to_the_thing_below() -> None:
+    big, small = _box_mask(0, 10, 0, 10), _box_mask(3, 6, 3, 6)
+    res = panoptic_merge([big, small], [0, 1], None, np.zeros((12, 12), int), k_things=2, thing_order="bbox_area",
+                         min_thing_area=10, min_stuff_area=0)
+    assert list(res.thing_sources.values()) == [0] and (res.semantic[:10, :10] == 1).all()
+    occl = panoptic_merge([big, small], [0, 1], None, np.zeros((12, 12), int), k_things=2,
+                          thing_order="bbox_area", max_occluded_fraction=0.05, min_stuff_area=0, min_thing_area=0)
+    assert list(occl.thing_sources.values()) == [1]  # big lost 9% of its mask to small
+    assert (occl.semantic[:10, :10] == np.where(small[:10, :10], 2, 3)).all()
+
 
 # ---------------------------------------------------------------- PNGs
 

@@ -1,7 +1,8 @@
 """Panoptic merge of thing pseudo-masks and the stuff map, and the COCO panoptic format rules.
 
 Rules (DESIGN.md section 1 item 5, COCO panoptic): every pixel belongs to exactly one segment or
-to void (id 0); things are painted over stuff, higher score first, and never share a pixel; each
+to void (id 0); things are painted over stuff, higher score first (or U2Seg's larger-bbox-first with
+overwriting), and never share a pixel; each
 stuff category is at most one segment per image; stuff connected fragments below a minimum area
 become void. Category ids: thing cluster c -> c + 1 (1..k_things), stuff cluster s ->
 k_things + 1 + s.
@@ -47,6 +48,18 @@ def _area_threshold(value: float, n_pixels: int) -> float:
     return value * n_pixels if value < 1 else float(value)
 
 
+THING_ORDERS = ("score", "bbox_area")
+
+
+def _bbox_area(mask: np.ndarray) -> int:
+    """w * h of the mask's tight pixel box (pycocotools ``toBbox``), 0 for an empty mask."""
+    rows = np.flatnonzero(mask.any(1))
+    if rows.size == 0:
+        return 0
+    cols = np.flatnonzero(mask.any(0))
+    return int(rows[-1] - rows[0] + 1) * int(cols[-1] - cols[0] + 1)
+
+
 def _paint_things(
     masks: Sequence[MaskLike],
     classes: Sequence[int],
@@ -56,43 +69,77 @@ def _paint_things(
     k_things: int,
     min_area: float,
     max_occluded_fraction: float,
+    order: str,
 ) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Paint things by descending score (stable); returns the id map and (input index, category)."""
+    """Paint things; returns the id map (ids 1.. in the order of the returned (input index, category) list).
+
+    Every thing claims only pixels no higher-priority thing holds. "score": priority = descending
+    score (stable), ids in that order. "bbox_area": U2Seg paints in descending bbox area (stable) with
+    each later thing overwriting, which gives every pixel to the *last* painter covering it; claiming
+    free pixels in the reverse of that order is the same map, and lets the area / occlusion filters
+    hand a dropped thing's pixels to the next one down. Ids then follow U2Seg's paint order.
+    """
     if len(classes) != len(masks) or (scores is not None and len(scores) != len(masks)):
         raise ValueError("thing_masks, thing_classes and thing_scores must have the same length")
-    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable") if scores is not None \
-        else np.arange(len(masks))
-    seg_ids = np.zeros(hw, dtype=np.int32)
-    kept: list[tuple[int, int]] = []
-    for idx in order.tolist():
+    decoded: list[np.ndarray] = []
+    for idx, m in enumerate(masks):
         cls = int(classes[idx])
         if not 0 <= cls < k_things:
             raise ValueError(f"thing class {cls} outside 0..{k_things - 1}")
-        mask = decode_mask(masks[idx])
+        mask = decode_mask(m)
         if mask.shape != hw:
             raise ValueError(f"thing mask {idx} has shape {mask.shape}, expected {hw}")
+        decoded.append(mask)
+    if order == "bbox_area":
+        paint = np.argsort(-np.asarray([_bbox_area(m) for m in decoded], dtype=np.int64), kind="stable")
+        priority = paint[::-1]
+    elif scores is not None:
+        priority = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    else:
+        priority = np.arange(len(decoded))
+    seg_ids = np.zeros(hw, dtype=np.int32)
+    kept: list[tuple[int, int]] = []
+    for idx in priority.tolist():
+        mask = decoded[idx]
         full = int(mask.sum())
         visible = mask & (seg_ids == 0)
         area = int(visible.sum())
         if area == 0 or area < min_area or (full - area) > max_occluded_fraction * full:
             continue
         seg_ids[visible] = len(kept) + 1
-        kept.append((idx, cls + 1))
+        kept.append((idx, int(classes[idx]) + 1))
+    if order == "bbox_area" and len(kept) > 1:  # renumber: ids in paint (descending bbox) order
+        lut = np.zeros(len(kept) + 1, dtype=np.int32)
+        lut[1:] = np.arange(len(kept), 0, -1, dtype=np.int32)
+        seg_ids = lut[seg_ids]
+        kept = kept[::-1]
     return seg_ids, kept
 
 
 def _stuff_segments(
-    stuff: np.ndarray, free: np.ndarray, *, k_stuff: int | None, min_area: float
+    stuff: np.ndarray, free: np.ndarray, *, k_stuff: int | None, min_area: float,
+    overlap_drop: float | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Per stuff class, keep its 8-connected fragments of at least ``min_area`` free pixels.
 
+    With ``overlap_drop``, a class with more than that fraction of *all* its pixels under things
+    is dropped whole first (U2Seg's rule: mostly hidden stuff is likely a thing's texture).
     Returns a map of stuff cluster id + 1 (0 = none) and the sorted list of surviving clusters.
     Each class is labelled inside its own bounding box, so the cost follows the class extents
     rather than K full-image passes.
     """
-    shifted = np.where(free & (stuff >= 0), stuff + 1, 0)
-    if k_stuff is not None and shifted.size and int(shifted.max()) > k_stuff:
-        raise ValueError(f"stuff id {int(shifted.max()) - 1} outside 0..{k_stuff - 1}")
+    labelled = np.where(stuff >= 0, stuff + 1, 0)
+    if k_stuff is not None and labelled.size and int(labelled.max()) > k_stuff:
+        raise ValueError(f"stuff id {int(labelled.max()) - 1} outside 0..{k_stuff - 1}")
+    shifted = np.where(free, labelled, 0)
+    if overlap_drop is not None and labelled.size:
+        total = np.bincount(labelled.ravel())
+        hidden = np.bincount(labelled[~free], minlength=total.size)
+        ratio = hidden / np.maximum(total, 1)  # float64, as U2Seg's np.sum / np.sum
+        drop = ratio > overlap_drop
+        drop[0] = False
+        if drop.any():
+            shifted[drop[shifted]] = 0
     out = np.zeros(stuff.shape, dtype=np.int32)
     survivors: list[int] = []
     for cls, box in enumerate(ndimage.find_objects(shifted)):
@@ -121,16 +168,32 @@ def panoptic_merge(
     min_stuff_area: float = 64,
     min_thing_area: float = 16,
     max_occluded_fraction: float = 1.0,
+    thing_order: str = "score",
+    stuff_overlap_drop: float | None = None,
 ) -> PanopticResult:
     """Merge thing masks (0-based cluster ids) over a stuff map (0-based ids, <0 = void) into one image.
 
-    Things are painted in descending score (ties: input order) and a later thing only gets pixels
-    no earlier thing took; a thing left with fewer than ``min_thing_area`` pixels, or with more than
-    ``max_occluded_fraction`` of its mask already taken, is dropped and its pixels fall back to stuff.
-    Remaining pixels take their stuff class; each stuff class's 8-connected fragments smaller than
-    ``min_stuff_area`` become void, and the rest of the class is one segment. Area thresholds below
-    1 are fractions of H*W. ``k_stuff`` (optional) only range-checks the stuff ids.
+    ``thing_order="score"``: things are painted in descending score (ties: input order) and a later
+    thing only gets pixels no earlier thing took. ``"bbox_area"`` (U2Seg's
+    generate_pseudo_panoptic.py): things are painted in descending area w*h of their full mask's
+    tight bbox (ties: input order), each later (smaller) one overwriting earlier ones; segment ids
+    follow that paint order. Either way a pixel belongs to one thing, and a thing is dropped when it
+    keeps no pixel, fewer than ``min_thing_area``, or loses more than ``max_occluded_fraction`` of
+    its mask to higher-priority things (in "bbox_area" those are the smaller ones painted after it);
+    a dropped thing's pixels go to the next thing down in priority, else to stuff.
+    Remaining pixels take their stuff class. With ``stuff_overlap_drop`` a stuff class with more
+    than that fraction of its pixels (all of the class in the image, thing-covered or not) under
+    kept things is skipped and its free pixels become void (U2Seg: 0.7, strict >). Then each stuff
+    class's 8-connected fragments smaller than ``min_stuff_area`` become void, and the rest of the
+    class is one segment; stuff segment ids follow the things in ascending class. Area thresholds
+    below 1 are fractions of H*W. ``k_stuff`` (optional) only range-checks the stuff ids. U2Seg's
+    exact rule is ``thing_order="bbox_area", stuff_overlap_drop=0.7, min_stuff_area=0,
+    min_thing_area=0`` (and the default ``max_occluded_fraction=1``).
     """
+    if thing_order not in THING_ORDERS:
+        raise ValueError(f"thing_order must be one of {THING_ORDERS}, got {thing_order!r}")
+    if stuff_overlap_drop is not None and not 0.0 <= stuff_overlap_drop <= 1.0:
+        raise ValueError(f"stuff_overlap_drop must be in [0, 1] or None, got {stuff_overlap_drop}")
     stuff = np.asarray(stuff)
     if stuff.ndim != 2:
         raise ValueError(f"stuff must be 2-D, got shape {stuff.shape}")
@@ -138,10 +201,11 @@ def panoptic_merge(
     n_pixels = hw[0] * hw[1]
     thing_map, kept = _paint_things(
         thing_masks, thing_classes, thing_scores, hw, k_things=k_things,
-        min_area=_area_threshold(min_thing_area, n_pixels), max_occluded_fraction=max_occluded_fraction)
+        min_area=_area_threshold(min_thing_area, n_pixels), max_occluded_fraction=max_occluded_fraction,
+        order=thing_order)
     stuff_map_, survivors = _stuff_segments(
         stuff.astype(np.int32, copy=False), thing_map == 0, k_stuff=k_stuff,
-        min_area=_area_threshold(min_stuff_area, n_pixels))
+        min_area=_area_threshold(min_stuff_area, n_pixels), overlap_drop=stuff_overlap_drop)
     n_things = len(kept)
     if n_things + len(survivors) > MAX_SEGMENT_ID:
         raise ValueError("too many segments for a panoptic PNG")
