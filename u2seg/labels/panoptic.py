@@ -1,11 +1,11 @@
 """Panoptic merge of thing pseudo-masks and the stuff map, and the COCO panoptic format rules.
 
 Rules (DESIGN.md section 1 item 5, COCO panoptic): every pixel belongs to exactly one segment or
-to void (id 0); things are painted over stuff, higher score first (or U2Seg's larger-bbox-first with
-overwriting), and never share a pixel; each
-stuff category is at most one segment per image; stuff connected fragments below a minimum area
-become void. Category ids: thing cluster c -> c + 1 (1..k_things), stuff cluster s ->
-k_things + 1 + s.
+to void (id 0); things are painted over stuff, higher score first (or U2Seg's larger bbox first,
+smaller overwriting), and never share a pixel; each stuff category is at most one segment per
+image; stuff connected fragments below a minimum area become void (and, optionally, a stuff class
+mostly under things, as U2Seg). Category ids: thing cluster c -> c + 1 (1..k_things), stuff
+cluster s -> k_things + 1 + s.
 """
 
 from __future__ import annotations
