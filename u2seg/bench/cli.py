@@ -83,6 +83,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         result = bench_train(steps=args.n or (2 if args.quick else 6), image_size=args.image_size or 256,
                              backbone=args.backbone or "vit_small_patch8_224.dino")
+    elif what == "refine":
+        from u2seg.bench.refine import bench_refine
+
+        result = bench_refine(n_images=args.n or (2 if args.quick else 40),
+                              image_size=args.image_size or (128 if args.quick else 480),
+                              backbone=args.backbone or "vit_small_patch8_224.dino")
     else:
         raise ValueError(what)
     result = {"benchmark": what, "machine": machine(), "wall_s": round(time.time() - t0, 2), **result}

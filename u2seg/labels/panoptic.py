@@ -1,11 +1,11 @@
 """Panoptic merge of thing pseudo-masks and the stuff map, and the COCO panoptic format rules.
 
 Rules (docs/method.md, panoptic merge; COCO panoptic): every pixel belongs to exactly one segment or
-to void (id 0); things are painted over stuff, higher score first (or U2Seg's larger-bbox-first with
-overwriting), and never share a pixel; each
-stuff category is at most one segment per image; stuff connected fragments below a minimum area
-become void. Category ids: thing cluster c -> c + 1 (1..k_things), stuff cluster s ->
-k_things + 1 + s.
+to void (id 0); things are painted over stuff, higher score first (or U2Seg's larger bbox first,
+smaller overwriting), and never share a pixel; each stuff category is at most one segment per
+image; stuff connected fragments below a minimum area become void (and, optionally, a stuff class
+mostly under things, as U2Seg). Category ids: thing cluster c -> c + 1 (1..k_things), stuff
+cluster s -> k_things + 1 + s.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def _paint_things(
             raise ValueError(f"thing mask {idx} has shape {mask.shape}, expected {hw}")
         decoded.append(mask)
     if order == "bbox_area":
-        paint = np.argsort(-np.asarray([int(m.sum()) for m in decoded], dtype=np.int64), kind="stable")
+        paint = np.argsort(-np.asarray([_bbox_area(m) for m in decoded], dtype=np.int64), kind="stable")
         priority = paint[::-1]
     elif scores is not None:
         priority = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
@@ -136,7 +136,7 @@ def _stuff_segments(
         total = np.bincount(labelled.ravel())
         hidden = np.bincount(labelled[~free], minlength=total.size)
         ratio = hidden / np.maximum(total, 1)  # float64, as U2Seg's np.sum / np.sum
-        drop = ratio >= overlap_drop
+        drop = ratio > overlap_drop
         drop[0] = False
         if drop.any():
             shifted[drop[shifted]] = 0
