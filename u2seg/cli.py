@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-size", type=int, default=160)
     p.add_argument("--max-size", type=int, default=320)
+    p.add_argument("--prefix", default="", help="start of every file name (e.g. val_ for a held-out world)")
 
     p = sub.add_parser("gt-supercategory", help="U2Seg's stuff-supercategory ground truth from a COCO panoptic "
                        "set: stuff relabeled to its supercategory (ids 301..), things kept, PNGs copied; point "
@@ -120,7 +121,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         setup_logging()
         from u2seg.data.synthetic import make_synthetic
 
-        info = make_synthetic(args.out, args.n, seed=args.seed, min_size=args.min_size, max_size=args.max_size)
+        info = make_synthetic(args.out, args.n, seed=args.seed, min_size=args.min_size, max_size=args.max_size,
+                              prefix=args.prefix)
         print(json.dumps(info, indent=2, default=str))
         return 0
     if cmd == "gt-supercategory":

@@ -181,7 +181,10 @@ class ExtractConfig:
     refine: Literal["none", "guided"] = knob("none", "mask refinement at image resolution; guided = "
                                              "edge-aware guided filter (stands in for the reference CRF)")
     batch_size: int = knob(4, "images per backbone+MaskCut batch", _positive, "a positive integer")
-    num_actors: int = knob(1, "MaskCut actors (one per GPU on GPU clusters)", _positive, "a positive integer")
+    num_actors: int = knob(1, "MaskCut actors at most (one per GPU on GPU clusters)", _positive,
+                           "a positive integer")
+    min_actors: int = knob(1, "MaskCut actors to start with: a cold autoscaling cluster starts working with what it "
+                           "has and grows the pool up to extract.num_actors", _positive, "a positive integer")
     gpus_per_actor: float = knob(0.0, "GPUs per actor; 0 on CPU. auto device + GPUs present -> set 1",
                                  _non_negative, ">= 0")
     cpus_per_actor: float = knob(1.0, "CPUs reserved per actor", _positive, "> 0")
@@ -275,12 +278,31 @@ class TrainConfig:
 
 
 @dataclass
+class PredictConfig:
+    """Batch inference of a trained model: the predict stage and self-training's predictions."""
+
+    batch_size: int = knob(4, "images per model call (a failing call is split down to single images)", _positive,
+                           "a positive integer")
+    rows_per_part: int = knob(64, "images per committed group (a unit of retry and resume)", _positive,
+                              "a positive integer")
+    num_actors: int = knob(1, "predict actors at most (one per GPU on GPU clusters)", _positive, "a positive integer")
+    min_actors: int = knob(1, "predict actors to start with (the pool grows up to predict.num_actors)", _positive,
+                           "a positive integer")
+    gpus_per_actor: float = knob(0.0, "GPUs per actor; 0 = one when the cluster has GPUs, else CPU", _non_negative,
+                                 ">= 0")
+    cpus_per_actor: float = knob(1.0, "CPUs reserved per actor", _positive, "> 0")
+
+
+@dataclass
 class EvaluateConfig:
     """Evaluation against a labeled set (optional: no ground truth, no evaluate stage)."""
 
     gt_instances_json: str | None = knob(None, "COCO instances JSON (path/URI)")
     gt_panoptic_json: str | None = knob(None, "COCO panoptic JSON (path/URI)")
     gt_panoptic_dir: str | None = knob(None, "folder of COCO panoptic PNGs (path/URI)")
+    images: list[str] = knob([], "the labeled set's images (folders, s3:// prefixes or list files): the trained "  # noqa: RUF009
+                             "model predicts on them and is scored there, a held-out set it never trained on "
+                             "(e.g. COCO val2017); empty = the model predicts on its training images")
     protocols: list[Literal["hungarian", "majority", "u2seg"]] = knob(  # noqa: RUF009
         ["hungarian", "u2seg"],
         "evaluation protocols, each scored on its own (metrics.json holds one block per protocol, the first "
@@ -310,6 +332,7 @@ class U2SegConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The whole pipeline as one command on a tiny synthetic run, then a rerun that skips every stage."""
+"""The whole pipeline as one command on a tiny synthetic run shaped like coco.yaml: pseudo-labels from world A,
+the model scored on a held-out world B under both protocols; then a rerun that skips every stage."""
 
 from __future__ import annotations
 
@@ -17,17 +18,23 @@ def test_pipeline_runs_every_stage_and_reruns_as_noops(ray_cluster, tmp_path, ca
 
     from u2seg.data.synthetic import make_synthetic
 
-    data = tmp_path / "data"
-    make_synthetic(str(data), 8, seed=1, min_size=96, max_size=128)
+    data, held_out = tmp_path / "data", tmp_path / "val"
+    make_synthetic(str(data), 8, seed=1, min_size=96, max_size=128)                 # world A: training images
+    make_synthetic(str(held_out), 4, seed=2, min_size=96, max_size=128, prefix="val_")  # world B: held out
     run = tmp_path / "run"
     args = ["pipeline", f"run.run_root={run}", f"manifest.inputs=[{data}/images]", *TINY,
-            f"evaluate.gt_panoptic_json={data}/gt/panoptic.json", f"evaluate.gt_panoptic_dir={data}/gt/panoptic",
-            f"evaluate.gt_instances_json={data}/gt/instances.json",
+            f"evaluate.images=[{held_out}/images]", f"evaluate.gt_panoptic_json={held_out}/gt/panoptic.json",
+            f"evaluate.gt_instances_json={held_out}/gt/instances.json",
             "train.steps=2", "train.checkpoint_every=1", "train.image_size=96", "train.batch_size=1",
             "train.rounds=1", "train.score_threshold=0.0"]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "pseudo-labels" in out and "model" in out and "pq" in out     # the metric table
+    assert "model/hungarian" in out and "model/u2seg" in out and "pq" in out     # both protocols side by side
+    model_eval = RunRoot(str(run)).read_json("eval/model/metrics.json")
+    assert model_eval["images"]["evaluated"] == 4 and set(model_eval["protocols"]) == {"hungarian", "u2seg"}
+    assert "held-out" in RunRoot(str(run)).read_json("eval/labels/metrics.json")["note"]  # A and B share no image
+    predicted = {r["uri"] for r in RunRoot(str(run)).read_parquet("predict/ledger").to_pylist()}
+    assert len(predicted) == 4 and all("/val/images/val_" in u for u in predicted)
     root = RunRoot(str(run))
     from u2seg.pipeline.stages import STAGES
 
@@ -37,7 +44,7 @@ def test_pipeline_runs_every_stage_and_reruns_as_noops(ray_cluster, tmp_path, ca
     assert root.exists("config.yaml") and "config_hash" in root.read_text("config.yaml")
     for rel in ("labels/panoptic.json", "labels/instances.json", "train/round-0/model.pt", "train/round-1/model.pt",
                 "selftrain/round-1/predictions/panoptic.json", "selftrain/round-1/labels/panoptic.json",
-                "predict/panoptic.json", "eval/labels/metrics.json", "eval/labels/report.html",
+                "predict/panoptic.json", "eval/labels/metrics.json", "eval/model/report.html",
                 "eval/model/metrics.json"):
         assert root.exists(rel), rel
     train = root.read_json("train", "stats.json")

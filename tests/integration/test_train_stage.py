@@ -158,6 +158,74 @@ def test_rerun_resumes_the_finished_round_and_model_loads(killed_run):
     print(f"\nTRAIN_RERUN_RESULT rerun_s={time.time() - t0:.1f} steps={again['steps']}")
 
 
+PREDICT_DRIVER = """
+import sys
+from u2seg.config import load_config
+from u2seg.io import layout
+from u2seg.pipeline.predict import predict_images
+from u2seg.pipeline.ray_session import ensure_ray
+from u2seg.pipeline.run_stage import open_root
+cfg = load_config(sys.argv[1])
+ensure_ray(cfg)
+predict_images(cfg, open_root(cfg), 0, layout.PREDICT, layout.LEDGER)
+"""
+
+
+@pytest.mark.timeout(900)
+def test_a_sigkilled_predict_resumes_with_only_the_missing_images(killed_run, tmp_path):
+    """A predict driver SIGKILLed after its first committed group; a new one predicts exactly the rest, and every
+    image is predicted once (ledger ids == extract's ok images, each label group with its ledger part)."""
+    import subprocess
+    import sys
+
+    from test_faults import REPO, kill_ray_processes, private_ray, tail, wait_for
+
+    from u2seg.io import layout
+    from u2seg.io.labelset import LabelSet
+    from u2seg.pipeline.predict import predict_images
+
+    cfg, root = killed_run.cfg, killed_run.root
+    overrides = ["predict.rows_per_part=1", "predict.batch_size=1", "run.ray_num_cpus=4"]
+    from helpers import tiny_config
+
+    pcfg = tiny_config(cfg.run.run_root, cfg.manifest.inputs, None, *TRAIN_KNOBS, *overrides,
+                       *[f"run.storage.{k}={v}" for k, v in (("endpoint_url", cfg.run.storage.endpoint_url),
+                                                             ("key", cfg.run.storage.key),
+                                                             ("secret", cfg.run.storage.secret),
+                                                             ("region", cfg.run.storage.region))])
+    yaml_path = tmp_path / "predict.yaml"
+    yaml_path.write_text(pcfg.to_yaml(redact=False))
+    script = tmp_path / "predict_driver.py"
+    script.write_text(PREDICT_DRIVER)
+    log_path = str(tmp_path / "predict.log")
+    with private_ray() as (ray_tmp, env), open(log_path, "ab") as log_file:
+        driver = subprocess.Popen([sys.executable, str(script), str(yaml_path)], cwd=REPO, env=env, stdout=log_file,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: root.list("predict/ledger", ".parquet") or driver.poll() is not None, 600,
+                     "the first predicted group", every=0.05)
+            assert driver.poll() is None, f"driver exited ({driver.returncode}) early:\n{tail(log_path)}"
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait(30)
+            kill_ray_processes(ray_tmp, pgid=driver.pid)
+        finally:
+            if driver.poll() is None:
+                os.killpg(driver.pid, signal.SIGKILL)
+    ok = {r["image_id"] for r in root.read_parquet(layout.LEDGER).to_pylist() if r["status"] == "ok"}
+    done = root.read_parquet("predict/ledger").column("image_id").to_pylist()
+    assert 0 < len(done) < len(ok)
+    stats = predict_images(pcfg, root, 0, layout.PREDICT, layout.LEDGER)
+    assert stats["predicted_now"] == len(ok) - len(done), stats
+    ledger = root.read_parquet("predict/ledger").to_pylist()
+    ids = [r["image_id"] for r in ledger]
+    assert len(ids) == len(set(ids)) and set(ids) == ok and all(r["status"] == "ok" for r in ledger)
+    labels = LabelSet(root, layout.PREDICT)
+    assert set(labels.groups()) == {r["group"] for r in ledger}
+    assert sorted(im.image_id for im in labels.iter_images()) == sorted(ok)
+    print(f"\nPREDICT_RESUME_RESULT images={len(ok)} done_at_kill={len(done)} "
+          f"predicted_on_rerun={stats['predicted_now']} orphans_removed={stats['orphans_removed']}")
+
+
 @pytest.mark.timeout(900)
 def test_predict_writes_valid_coco_and_panoptic(killed_run, tmp_path):
     from pycocotools.coco import COCO
@@ -167,9 +235,9 @@ def test_predict_writes_valid_coco_and_panoptic(killed_run, tmp_path):
 
     cfg, root = killed_run.cfg, killed_run.root
     t0 = time.time()
-    pred = run_predict(cfg, root)
+    pred = run_predict(cfg, root)  # after the resumed run above: nothing left to predict, the set is merged
     n_images = len(root.read_parquet("manifest", columns=["image_id"]))
-    assert pred["images"] == n_images
+    assert pred["images"] == n_images and pred["predicted_now"] == 0
     (tmp_path / "instances.json").write_bytes(root.read_bytes("predict/instances.json"))
     coco = COCO(str(tmp_path / "instances.json"))
     assert len(coco.imgs) == n_images
@@ -181,7 +249,7 @@ def test_predict_writes_valid_coco_and_panoptic(killed_run, tmp_path):
     assert len(pan["categories"]) == cfg.cluster.things_k + cfg.cluster.stuff_k
     images = {i["id"]: i for i in pan["images"]}
     for ann in pan["annotations"][:4]:
-        ids = decode_panoptic_png(root.read_bytes("predict/panoptic", ann["file_name"]))
+        ids = decode_panoptic_png(root.read_bytes("predict/panoptic", ann["file_name"]))  # <group>/<id>.png
         assert ids.shape == (images[ann["image_id"]]["height"], images[ann["image_id"]]["width"])
         assert ids.dtype.kind in "iu" and np.all(ids >= 0)
         assert validate_panoptic(ids, ann["segments_info"], categories=pan["categories"]) == []

@@ -100,8 +100,11 @@ def _root_uri(fs: fsspec.AbstractFileSystem, root: str) -> str:
 
 
 def make_synthetic(out_uri: str, n: int, *, seed: int = 0, min_size: int = 160, max_size: int = 320,
-                   storage_options: dict | None = None, image_format: str = "mixed") -> dict:
+                   storage_options: dict | None = None, image_format: str = "mixed", prefix: str = "") -> dict:
     """Render ``n`` images of the synthetic world with their ground truth under ``out_uri``.
+
+    ``prefix`` starts every file name (e.g. ``val_``), so a held-out world's images are told apart from a
+    training world's by name, as COCO's val2017 from train2017.
 
     Returns a summary: out_uri, n_images, n_instances, n_segments, image_format, categories, seconds.
     """
@@ -126,7 +129,7 @@ def make_synthetic(out_uri: str, n: int, *, seed: int = 0, min_size: int = 160, 
         rng = np.random.default_rng([seed, index])  # independent stream per (seed, image)
         height, width = _image_size(rng, min_size, max_size)
         scene = render_scene(rng, height, width)
-        name = f"{index:06d}"
+        name = f"{prefix}{index:06d}"
         ext = _image_format(image_format, index)
         file_name = f"{name}.{ext}"
         uri = f"{root_uri}/images/{file_name}"

@@ -52,6 +52,7 @@ LABELS = "labels"
 TRAIN = "train"
 SELFTRAIN = "selftrain"
 PREDICT = "predict"
+PREDICT_INPUTS = "predict/inputs"  # the held-out images (evaluate.images), listed like a manifest
 EVAL_LABELS = "eval/labels"
 EVAL_MODEL = "eval/model"
 MODEL_FILE = "model.pt"

@@ -73,3 +73,14 @@ def error_row(image_id: str, uri: str, stage: str, exc: BaseException) -> dict[s
     reason = getattr(exc, "reason", None)
     cls = type(exc).__name__ + (f":{reason}" if reason else "")
     return {"image_id": image_id, "uri": uri, "stage": stage, "error_class": cls, "message": str(exc)[:2000]}
+
+# predict's ledger (``<predictions>/ledger``): one row per image it was asked to predict, written last for its
+# group (after the group's label fragment), so an image is predicted iff it is here.
+PREDICT_LEDGER_SCHEMA = pa.schema([
+    ("image_id", pa.string()),
+    ("uri", pa.string()),
+    ("status", pa.string()),                   # "ok" or "error"
+    ("group", pa.string()),                    # the label group holding its prediction ("" for errors)
+    ("error_class", pa.string()),
+    ("message", pa.string()),
+])

@@ -176,9 +176,17 @@ def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: s
              "%d predictions without gt); protocols %s", predictions_uri, gt_json_uri, counts["evaluated"],
              counts["gt_without_prediction"], counts["predictions_without_gt"], ", ".join(protocols))
     if not join.pairs:
+        if out == layout.EVAL_LABELS and evaluate_cfg.images:
+            note = (f"no pseudo-labelled image of {predictions_uri} is in the held-out set {gt_json_uri}: the "
+                    "pseudo-labels are scored only where their images overlap the ground truth; the model is "
+                    "scored on evaluate.images")
+            log.info("evaluate: %s", note)
+            root.write_json(f"{out}/metrics.json", {"images": counts, "note": note, "protocols": {}})
+            return {"images": 0, "note": note}
         raise ValueError(f"no image of {predictions_uri} ({counts['predictions']} images) matches a ground-truth "
                          f"image of {gt_json_uri} ({counts['gt']} images) by file-name stem: is "
-                         "evaluate.gt_panoptic_json the right set?")
+                         "evaluate.gt_panoptic_json the right set"
+                         + (" for evaluate.images?" if evaluate_cfg.images else "?"))
     gt_cats = list(gt["categories"])
     pred_cats = list(pred.get("categories", []))
     vote_ignore = _stuff_vote_ignore(gt_cats, pred_cats) if "u2seg" in protocols else None

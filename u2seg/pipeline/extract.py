@@ -73,8 +73,10 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         ds = ds.map_batches(decode_batch, batch_size=extract_cfg.batch_size, num_cpus=1,
                             fn_kwargs={"storage_options": cfg.run.storage.storage_options(),
                                        "retry_s": cfg.run.storage.retry_s})
-        ds = ds.map_batches(MaskCutActor, batch_size=extract_cfg.batch_size, compute=ray.data.ActorPoolStrategy(
-            size=extract_cfg.num_actors), num_gpus=gpus, num_cpus=extract_cfg.cpus_per_actor,
+        pool = ray.data.ActorPoolStrategy(min_size=min(extract_cfg.min_actors, extract_cfg.num_actors),
+                                          max_size=extract_cfg.num_actors)
+        ds = ds.map_batches(MaskCutActor, batch_size=extract_cfg.batch_size, compute=pool, num_gpus=gpus,
+                            num_cpus=extract_cfg.cpus_per_actor,
             fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "stuff_head": stuff_head})
         ds = ds.map_batches(write_group, batch_size=extract_cfg.rows_per_part, num_cpus=0.5,
                             fn_kwargs={"root": root, "token": run_token(root)})

@@ -43,12 +43,11 @@ def _probe(uri: str, storage_options: dict[str, Any]) -> tuple[int, int]:
         return -1, -1
 
 
-def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str], exclude: str | None
-              ) -> dict[str, Any]:
-    """List one source spec into parts named after the spec's hash (deterministic, rerun overwrites).
-
-    Links that cannot be followed go to ``manifest/errors`` under the same tag; what is skipped is counted.
-    """
+def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str], exclude: str | None,
+              folder: str) -> dict[str, Any]:
+    """List one source spec into parts of ``folder`` named after the spec's hash (deterministic, a rerun
+    overwrites). Links that cannot be followed go to ``<folder>/errors`` under the same tag; what is
+    skipped is counted."""
     storage = cfg.run.storage.storage_options()
     tag = hashlib.sha1(spec.encode()).hexdigest()[:12]
     rows: dict[str, list] = {n: [] for n in MANIFEST_SCHEMA.names}
@@ -61,7 +60,7 @@ def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str],
         if not rows["uri"]:
             return
         name = f"part-{tag}-{n_parts:05d}.parquet"
-        root.write_parquet(layout.part(layout.MANIFEST, name), pa.table(rows, schema=MANIFEST_SCHEMA))
+        root.write_parquet(layout.part(folder, name), pa.table(rows, schema=MANIFEST_SCHEMA))
         seen_parts.append(name)
         n_parts += 1
         for v in rows.values():
@@ -84,7 +83,7 @@ def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str],
         if len(rows["uri"]) >= cfg.manifest.rows_per_part:
             flush()
     flush()
-    errors_rel = layout.part(layout.MANIFEST_ERRORS, f"part-{tag}.parquet")
+    errors_rel = layout.part(f"{folder}/errors", f"part-{tag}.parquet")
     if errors:
         root.write_parquet(errors_rel, pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
     else:
@@ -92,12 +91,12 @@ def _list_one(spec: str, cfg: U2SegConfig, root: RunRoot, seen_parts: list[str],
     return {"rows": n_rows, "parts": n_parts, "errors": errors, "skips": stats, "errors_part": errors_rel}
 
 
-def manifest_fingerprint(root: RunRoot) -> str:
-    """What the manifest lists, whatever its part layout: the row count and an order-free sum of row hashes
+def manifest_fingerprint(root: RunRoot, folder: str = layout.MANIFEST) -> str:
+    """What a listing holds, whatever its part layout: the row count and an order-free sum of row hashes
     of (image_id, version), so an added, removed or changed image changes it."""
     total, count = 0, 0
-    for name in root.list(layout.MANIFEST, ".parquet"):
-        table = root.read_part(layout.part(layout.MANIFEST, name), ["image_id", "version"])
+    for name in root.list(folder, ".parquet"):
+        table = root.read_part(layout.part(folder, name), ["image_id", "version"])
         for image_id, version in zip(table.column("image_id").to_pylist(), table.column("version").to_pylist(),
                                      strict=True):
             total += int.from_bytes(hashlib.sha1(f"{image_id}\t{version}".encode()).digest()[:16], "big")
@@ -105,14 +104,14 @@ def manifest_fingerprint(root: RunRoot) -> str:
     return f"{count}-{total % (1 << 128):032x}"
 
 
-def _check_inputs(inputs: list[str]) -> None:
+def _check_inputs(inputs: list[str], key: str = "manifest.inputs") -> None:
     if not inputs:
-        raise ConfigError("manifest.inputs", inputs, "at least one folder, s3:// prefix or list file")
+        raise ConfigError(key, inputs, "at least one folder, s3:// prefix or list file")
     norm = [u.rstrip("/") + "/" for u in inputs]
     for i, a in enumerate(norm):
         for j, b in enumerate(norm):
             if i != j and b.startswith(a):
-                raise ConfigError("manifest.inputs", inputs,
+                raise ConfigError(key, inputs,
                                   f"sources that do not nest ({inputs[j]} is inside {inputs[i]}; "
                                   "nested sources would list images twice)")
 
@@ -132,12 +131,12 @@ def first_occurrences(ids: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return keep
 
 
-def drop_duplicate_images(root: RunRoot, parts: list[str]) -> int:
+def drop_duplicate_images(root: RunRoot, parts: list[str], folder: str = layout.MANIFEST) -> int:
     """Keep the first row of every image_id (parts in name order, rows in order); rewrite parts that held
     later copies (an image in two list files, a list file and a folder, or a symlink beside its target).
     Returns how many rows were dropped."""
     parts = sorted(parts)
-    columns = [root.read_part(layout.part(layout.MANIFEST, name), ["image_id"]).column("image_id") for name in parts]
+    columns = [root.read_part(layout.part(folder, name), ["image_id"]).column("image_id") for name in parts]
     keep = first_occurrences(pa.chunked_array([c for col in columns for c in col.chunks], pa.string()))
     dropped, start = 0, 0
     for name, col in zip(parts, columns, strict=True):
@@ -145,15 +144,15 @@ def drop_duplicate_images(root: RunRoot, parts: list[str]) -> int:
         start += len(col)
         if mask.all():
             continue
-        table = root.read_part(layout.part(layout.MANIFEST, name))
+        table = root.read_part(layout.part(folder, name))
         dupes = table.filter(pa.array(~mask)).column("uri").to_pylist()
         dropped += len(dupes)
         log.warning("manifest: %s lists %d image(s) already listed before, dropped (e.g. %s)",
                     name, len(dupes), dupes[:3])
         if mask.any():
-            root.write_parquet(layout.part(layout.MANIFEST, name), table.filter(pa.array(mask)))
+            root.write_parquet(layout.part(folder, name), table.filter(pa.array(mask)))
         else:
-            root.remove(layout.part(layout.MANIFEST, name))
+            root.remove(layout.part(folder, name))
     return dropped
 
 
@@ -162,27 +161,30 @@ def _run_root_to_exclude(root: RunRoot) -> str:
     return canonical_uri(root.uri) if root.is_local else root.path()
 
 
-def run_manifest(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
-    """List every source into ``manifest/*.parquet``; stale parts of an earlier run are removed."""
-    _check_inputs(cfg.manifest.inputs)
+def list_images(cfg: U2SegConfig, root: RunRoot, inputs: list[str], folder: str, key: str) -> dict[str, Any]:
+    """List ``inputs`` (folders, prefixes, list files) into ``<folder>/part-*.parquet`` (MANIFEST_SCHEMA), the
+    links that cannot be followed into ``<folder>/errors``; stale parts of an earlier listing are removed and an
+    image reachable twice is kept once. ``key`` names the inputs' knob in errors. Returns counts, the
+    listing's fingerprint under ``output_fingerprint``."""
+    _check_inputs(inputs, key)
     t0 = time.time()
     storage = cfg.run.storage.storage_options()
     exclude = _run_root_to_exclude(root)
     specs: list[str] = []
-    for uri in cfg.manifest.inputs:
+    for uri in inputs:
         specs.extend(split_source(uri, storage, cfg.manifest.recursive, exclude))
-    log.info("manifest: listing %d source(s) as %d stream(s)", len(cfg.manifest.inputs), len(specs))
+    log.info("%s: listing %d source(s) as %d stream(s)", folder, len(inputs), len(specs))
     written: list[str] = []
     with ThreadPoolExecutor(max_workers=cfg.manifest.list_concurrency) as pool:
-        results = list(pool.map(lambda s: _list_one(s, cfg, root, written, exclude), specs))
-    for stale in set(root.list(layout.MANIFEST, ".parquet")) - set(written):
-        root.remove(layout.part(layout.MANIFEST, stale))
+        results = list(pool.map(lambda s: _list_one(s, cfg, root, written, exclude, folder), specs))
+    for stale in set(root.list(folder, ".parquet")) - set(written):
+        root.remove(layout.part(folder, stale))
     kept_errors = {r["errors_part"].rsplit("/", 1)[1] for r in results if r["errors"]}
-    for stale in set(root.list(layout.MANIFEST_ERRORS, ".parquet")) - kept_errors:
-        root.remove(layout.part(layout.MANIFEST_ERRORS, stale))
+    for stale in set(root.list(f"{folder}/errors", ".parquet")) - kept_errors:
+        root.remove(layout.part(f"{folder}/errors", stale))
     # an image reachable twice (listed twice, or a symlink beside its target) is kept once
-    dropped = drop_duplicate_images(root, written)
-    written = root.list(layout.MANIFEST, ".parquet")
+    dropped = drop_duplicate_images(root, written, folder)
+    written = root.list(folder, ".parquet")
     n = sum(r["rows"] for r in results) - dropped
     skips = ListStats()
     for r in results:
@@ -192,12 +194,16 @@ def run_manifest(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         for e in r["errors"]:
             link_errors[e["error_class"]] = link_errors.get(e["error_class"], 0) + 1
     if n == 0:
-        raise InputsError(f"manifest: no images found under {cfg.manifest.inputs} (accepted suffixes: "
+        raise InputsError(f"{folder}: no images found under {inputs} (accepted suffixes: "
                           f"{', '.join(IMAGE_EXTENSIONS)}; skipped: {skips.to_dict()})")
-    fingerprint = manifest_fingerprint(root)
     stats = {"images": n, "parts": len(written), "streams": len(specs), "duplicates_dropped": dropped,
              "link_errors": link_errors, **skips.to_dict(), "seconds": round(time.time() - t0, 3),
-             "output_fingerprint": fingerprint}
-    log.info("manifest: %d images in %d parts (%.1fs); skipped %s", n, len(written), stats["seconds"],
+             "output_fingerprint": manifest_fingerprint(root, folder)}
+    log.info("%s: %d images in %d parts (%.1fs); skipped %s", folder, n, len(written), stats["seconds"],
              skips.to_dict())
     return stats
+
+
+def run_manifest(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
+    """List every source into ``manifest/*.parquet``; stale parts of an earlier run are removed."""
+    return list_images(cfg, root, cfg.manifest.inputs, layout.MANIFEST, "manifest.inputs")

@@ -1,9 +1,16 @@
-"""Batch inference of a trained round with Ray Data actors, written in the label-set format.
+"""Batch inference of a trained round with a Ray Data actor pool, at extract's standard.
 
-The predict stage writes the final model's predictions to ``predict/``; self-training writes each
-round's predictions on the training images to ``selftrain/round-R/predictions``. Both are label sets
-(``u2seg/io/labelset.py``), so evaluation and self-training read predictions and labels alike. Each
-batch is committed as one group (its fragment written after its PNGs).
+The predict stage writes the final model's predictions to ``predict/``: on the held-out images of
+``evaluate.images`` (listed into ``predict/inputs/`` like a manifest) when set, else on the extract ledger's
+ok images. Self-training writes each round's predictions on the training images to
+``selftrain/round-R/predictions``. Both are label sets (``u2seg/io/labelset.py``).
+
+Exactly once: each actor call predicts one group of ``predict.rows_per_part`` images, writes their PNGs,
+commits the group's label fragment, and writes the group's ledger part (``<out>/ledger/``: one row per
+image, ok or error) last. An image is done iff it is in the ledger; a rerun or a resumed kill predicts
+exactly the images not in it (filtered in Arrow, no per-image state on the driver), and fragments of
+groups whose ledger part was never written are removed first. A failing model call is split down to
+single images (``batch_retry``): only an image failing alone with its own error is an error row.
 """
 
 from __future__ import annotations
@@ -12,50 +19,113 @@ import logging
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from u2seg.config import U2SegConfig
 from u2seg.io import RunRoot, layout
 from u2seg.io.labelset import Fragment, LabelSet
+from u2seg.io.schemas import PREDICT_LEDGER_SCHEMA
 from u2seg.pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
 
 class PredictActor:
-    """Holds one trained model; predicts a batch of images and commits it as one group."""
+    """Holds one trained model; predicts, writes and commits one group of images per call."""
 
-    def __init__(self, root: RunRoot, model_rel: str, out: str, storage_options: dict[str, Any], retry_s: float):
+    def __init__(self, root: RunRoot, model_rel: str, out: str, cfg_dict: dict[str, Any]):
         import torch
 
+        from u2seg.config import config_from_dict
         from u2seg.model import model_from_bytes
 
-        self.storage_options, self.retry_s = storage_options, retry_s
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.root, self.out = root, out
+        self.cfg = config_from_dict(cfg_dict)
+        device = "cuda" if torch.cuda.is_available() and self.cfg.run.device != "cpu" else "cpu"
         self.model, _ = model_from_bytes(root.read_bytes(model_rel), map_location=device)
         self.labels = LabelSet(root, out, self.model.cfg.num_thing_classes, self.model.cfg.num_stuff_classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from u2seg.io.inputs import read_image
+        from u2seg.io.inputs import InputUnreachableError, read_image
         from u2seg.model import predict
+        from u2seg.pipeline.batch_retry import ItemFailure, call_per_item
 
+        storage = self.cfg.run.storage
         ids = [str(x) for x in batch["image_id"]]
         uris = [str(x) for x in batch["uri"]]
-        images = [read_image(u, self.storage_options, self.retry_s) for u in uris]
-        with torch.no_grad():
-            preds = predict(self.model, images, batch_size=len(images))
+        rows: dict[str, dict[str, str]] = {}
+        images: dict[str, np.ndarray] = {}
+        for image_id, uri in zip(ids, uris, strict=True):
+            try:
+                images[image_id] = read_image(uri, storage.storage_options(), storage.retry_s)
+            except InputUnreachableError:
+                raise
+            except Exception as exc:  # this image's own fault: an error row
+                rows[image_id] = _error_row(image_id, uri, type(exc).__name__ + (
+                    f":{exc.reason}" if getattr(exc, "reason", None) else ""), str(exc))
+
+        def model_call(imgs: list[np.ndarray]) -> list[Any]:
+            with torch.no_grad():
+                return predict(self.model, imgs, batch_size=len(imgs))
+
+        ok_ids = [i for i in ids if i in images]
+        step = max(1, self.cfg.predict.batch_size)
+        preds: list[Any] = []
+        for start in range(0, len(ok_ids), step):  # one model call per batch; a failing one is split
+            preds += call_per_item(model_call, [images[i] for i in ok_ids[start:start + step]], what="predict")
         group = layout.group_stem(layout.group_name(ids))
         fragment = Fragment()
-        for image_id, uri, p in zip(ids, uris, preds, strict=True):
+        uri_of = dict(zip(ids, uris, strict=True))
+        for image_id, p in zip(ok_ids, preds, strict=True):
+            if isinstance(p, ItemFailure):
+                rows[image_id] = _error_row(image_id, uri_of[image_id], p.error_class, f"model failure: {p.error}")
+                continue
             scores = {int(s["id"]): float(s["score"]) for s in p.segments_info if "score" in s}
-            fragment.add(*self.labels.write_image(group, image_id, uri, p.panoptic, p.segments_info, scores=scores))
+            fragment.add(*self.labels.write_image(group, image_id, uri_of[image_id], p.panoptic, p.segments_info,
+                                                  scores=scores))
+            rows[image_id] = {"image_id": image_id, "uri": uri_of[image_id], "status": "ok", "group": group,
+                              "error_class": "", "message": ""}
         self.labels.commit(group, fragment)
-        return {"images": np.array([len(ids)]), "instances": np.array([len(fragment.instances)])}
+        ledger = pa.Table.from_pylist([{**rows[i], "group": group} for i in ids], schema=PREDICT_LEDGER_SCHEMA)
+        self.root.write_parquet(layout.part(f"{self.out}/ledger", f"{group}.parquet"), ledger)  # last: the commit
+        n_errors = sum(r["status"] == "error" for r in rows.values())
+        return {"images": np.array([len(ids)]), "errors": np.array([n_errors]),
+                "instances": np.array([len(fragment.instances)])}
 
 
-def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str) -> dict[str, Any]:
-    """Predict every ok image of the extract ledger with round ``round_idx``'s model into label set ``out``."""
+def _error_row(image_id: str, uri: str, error_class: str, message: str) -> dict[str, str]:
+    log.warning("predict: %s failed: %s: %s", uri, error_class, message[:300])
+    return {"image_id": image_id, "uri": uri, "status": "error", "group": "", "error_class": error_class,
+            "message": message[:2000]}
+
+
+def _ledger_ids(root: RunRoot, out: str) -> pa.Array:
+    ids = root.read_parquet(f"{out}/ledger", columns=["image_id"], schema=PREDICT_LEDGER_SCHEMA)
+    return ids.column("image_id").combine_chunks() if ids.num_rows else pa.array([], pa.string())
+
+
+def _remove_uncommitted(root: RunRoot, labels: LabelSet, out: str) -> int:
+    """Label groups whose ledger part was never written belong to a killed call: removed before resuming."""
+    committed = {n[: -len(".parquet")] for n in root.list(f"{out}/ledger", ".parquet")}
+    orphans = sorted(set(labels.groups()) - committed)
+    labels.remove_groups(orphans)
+    return len(orphans)
+
+
+def _select_todo(batch: pa.Table, done: pa.Array, ok_only: bool) -> pa.Table:
+    if ok_only:
+        batch = batch.filter(pc.equal(batch["status"], "ok"))
+    if len(done):
+        batch = batch.filter(pc.invert(pc.is_in(batch["image_id"], value_set=done)))
+    return batch.select(["image_id", "uri"])
+
+
+def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, inputs: str) -> dict[str, Any]:
+    """Predict with round ``round_idx``'s model every image listed in ``inputs`` (a run-root folder of
+    manifest-like parts, or the extract ledger, whose ok images are taken) not yet in ``<out>/ledger``."""
     import ray
 
     model_rel = layout.round_model(round_idx)
@@ -63,27 +133,60 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str) ->
         raise FileNotFoundError(f"no trained model {root.join(model_rel)}: run `u2seg train` first")
     k_things, k_stuff = layout.class_counts(root)
     labels = LabelSet(root, out, k_things, k_stuff)
-    labels.clear()  # predictions are recomputed whole: no stale groups
-    ledger = root.read_parquet(layout.LEDGER, columns=["image_id", "uri", "status"]).to_pylist()
-    rows = [{"image_id": x["image_id"], "uri": x["uri"]} for x in ledger if x["status"] == "ok"]
-    ds = ray.data.from_items(rows).map_batches(
-        PredictActor, batch_size=max(1, cfg.train.batch_size), compute=ray.data.ActorPoolStrategy(size=1),
-        num_cpus=1, num_gpus=1 if ray.cluster_resources().get("GPU", 0) else 0,
-        fn_constructor_kwargs={"root": root, "model_rel": model_rel, "out": out,
-                               "storage_options": cfg.run.storage.storage_options(),
-                               "retry_s": cfg.run.storage.retry_s})
-    n = 0
-    with Progress(len(rows), f"predict round {round_idx}", unit="img") as bar:
-        for row in ds.iter_rows():
-            n += int(row["images"])
-            bar.update(int(row["images"]))
-    merged = labels.merge(f"u2seg predictions of round {round_idx}")
-    return {"round": round_idx, "images": n, "instances": merged["instances"], "out": root.join(out)}
+    orphans = _remove_uncommitted(root, labels, out)
+    done = _ledger_ids(root, out)
+    total = layout.count_rows(root, inputs)
+    from_ledger = inputs == layout.LEDGER
+    pc_cfg = cfg.predict
+    gpus = pc_cfg.gpus_per_actor or (1.0 if cfg.run.device != "cpu" and ray.cluster_resources().get("GPU", 0) else 0)
+    log.info("predict round %d into %s: %d listed, %d already done, %d orphan group(s) removed", round_idx, out,
+             total, len(done), orphans)
+    sums = {"images": 0, "errors": 0, "instances": 0}
+    paths = root.parquet_paths(inputs)
+    if paths:
+        columns = ["image_id", "uri", "status"] if from_ledger else ["image_id", "uri"]
+        ds = ray.data.read_parquet(paths, filesystem=root.pyarrow_fs()).select_columns(columns)
+        ds = ds.map_batches(_select_todo, batch_format="pyarrow", fn_kwargs={"done": done, "ok_only": from_ledger})
+        ds = ds.repartition(target_num_rows_per_block=pc_cfg.rows_per_part)
+        pool = ray.data.ActorPoolStrategy(min_size=min(pc_cfg.min_actors, pc_cfg.num_actors),
+                                          max_size=pc_cfg.num_actors)
+        ds = ds.map_batches(PredictActor, batch_size=pc_cfg.rows_per_part, compute=pool, num_gpus=gpus,
+                            num_cpus=pc_cfg.cpus_per_actor,
+                            fn_constructor_kwargs={"root": root, "model_rel": model_rel, "out": out,
+                                                   "cfg_dict": cfg.to_dict()})
+        with Progress(max(0, total - len(done)), f"predict round {round_idx}", unit="img") as bar:
+            for row in ds.iter_rows():
+                for k in sums:
+                    sums[k] += int(row[k])
+                bar.update(int(row["images"]))
+    counts = labels.merge(f"u2seg predictions of round {round_idx}")
+    errors = root.read_parquet(f"{out}/ledger", columns=["status"], schema=PREDICT_LEDGER_SCHEMA)
+    n_errors = int(pc.sum(pc.equal(errors.column("status"), "error")).as_py() or 0) if errors.num_rows else 0
+    if errors.num_rows and n_errors / errors.num_rows > cfg.run.max_error_fraction:
+        raise RuntimeError(f"predict: {n_errors}/{errors.num_rows} images failed, above run.max_error_fraction="
+                           f"{cfg.run.max_error_fraction}; see {root.join(out, 'ledger')}")
+    return {"round": round_idx, "images": counts["images"], "predicted_now": sums["images"], "errors": n_errors,
+            "instances": counts["instances"], "orphans_removed": orphans, "out": root.join(out)}
 
 
 def run_predict(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
-    """The predict stage: the latest finished round's predictions into ``predict/``."""
+    """The predict stage: the latest finished round's predictions into ``predict/``, on the held-out images
+    (``evaluate.images``, listed into ``predict/inputs/``) or, when none are set, on the training images."""
+    from u2seg.pipeline.manifest import list_images
+
     r = layout.latest_round(root)
     if r < 0:
         raise FileNotFoundError(f"no trained model in {root.join(layout.TRAIN)}: run `u2seg train` first")
-    return predict_images(cfg, root, r, layout.PREDICT)
+    inputs = layout.LEDGER
+    if cfg.evaluate.images:
+        inputs = layout.PREDICT_INPUTS
+        listed = list_images(cfg, root, cfg.evaluate.images, inputs, "evaluate.images")
+        seen = layout.marker(layout.PREDICT, "inputs.json")
+        if root.exists(seen) and root.read_json(seen).get("fingerprint") != listed["output_fingerprint"]:
+            log.info("predict: the held-out images changed since the last predictions: predicting them anew")
+            LabelSet(root, layout.PREDICT).clear()
+            root.remove(f"{layout.PREDICT}/ledger", recursive=True)
+        root.write_json(seen, {"fingerprint": listed["output_fingerprint"], "images": listed["images"]})
+        log.info("predict: %d held-out images listed from %s", listed["images"], cfg.evaluate.images)
+    stats = predict_images(cfg, root, r, layout.PREDICT, inputs)
+    return {**stats, "held_out": bool(cfg.evaluate.images)}

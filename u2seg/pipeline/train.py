@@ -222,7 +222,7 @@ def run_train(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         if root.exists(layout.round_model(r)):
             log.info("train: self-training round %d already trained, kept", r)
             continue
-        predicted = predict_images(cfg, root, r - 1, layout.round_predictions(r - 1))
+        predicted = predict_images(cfg, root, r - 1, layout.round_predictions(r - 1), layout.LEDGER)
         relabel = build_round_labels(cfg, root, r)
         stats = run_train_round(cfg, root, r)
         rounds.append({**stats, "predicted_images": predicted["images"], "added_things": relabel["added_things"]})
