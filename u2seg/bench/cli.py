@@ -83,6 +83,12 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         result = bench_train(steps=args.n or (2 if args.quick else 6), image_size=args.image_size or 256,
                              backbone=args.backbone or "vit_small_patch8_224.dino")
+    elif what == "stuff":
+        from u2seg.bench.stuff import bench_stuff
+
+        result = bench_stuff(steps=args.n or (2 if args.quick else 6), batch_size=4 if args.quick else 8,
+                             crop_size=args.image_size or (112 if args.quick else 224),
+                             backbone=args.backbone or "vit_small_patch8_224.dino")
     elif what == "refine":
         from u2seg.bench.refine import bench_refine
 

@@ -1,8 +1,9 @@
 """Extract throughput split into phases: decode, backbone, MaskCut, refinement, write.
 
 The per-image work of one extract actor is timed on the synthetic world (no Ray, so the numbers are
-the work itself, not scheduling), twice in the same run: refinement off and on (the ratio is what the
-guided refinement costs), plus fused (SDPA) against explicit attention for the backbone.
+the work itself, not scheduling), in the same run: refinement off and on (the ratio is what the guided
+refinement costs), mask-pooled against object-crop CLS descriptors (the ratio is what U2Seg's second
+backbone pass over each mask's crop costs), plus fused (SDPA) against explicit attention for the backbone.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from u2seg.maskcut.process import process_batch
 
 
 def _phase_run(model: torch.nn.Module, images: list[np.ndarray], blobs: list[bytes], *, image_size: int,
-               refine: str, batch_size: int, amp: str) -> dict[str, Any]:
-    phases = {"decode": 0.0, "backbone": 0.0, "maskcut": 0.0, "refine": 0.0, "write": 0.0}
+               refine: str, batch_size: int, amp: str, descriptor: str = "mask_pool") -> dict[str, Any]:
+    phases = {"decode": 0.0, "backbone": 0.0, "maskcut": 0.0, "refine": 0.0, "descriptor": 0.0, "write": 0.0}
     t_all = time.perf_counter()
     for start in range(0, len(blobs), batch_size):
         t0 = time.perf_counter()
@@ -35,11 +36,12 @@ def _phase_run(model: torch.nn.Module, images: list[np.ndarray], blobs: list[byt
         phases["decode"] += time.perf_counter() - t0
         with torch.no_grad():
             res = process_batch(model, batch, image_size=image_size, refine=refine, patches_per_image=64,
-                                amp=amp, stuff=(32, 32))
+                                amp=amp, stuff=(32, 32), descriptor=descriptor)
         for r in res:
             phases["backbone"] += r.timings["backbone_s"]
             phases["maskcut"] += r.timings["maskcut_s"]
             phases["refine"] += r.timings["refine_s"]
+            phases["descriptor"] += r.timings.get("descriptor_s", 0.0)
         t1 = time.perf_counter()
         rows = [{"image_id": str(i), "mask_id": m["mask_id"], "rle": m["rle"], "bbox": m["bbox"],
                  "area": m["area"], "score": m["score"], "descriptor": m["descriptor"],
@@ -65,6 +67,8 @@ def bench_extract(n_images: int = 16, image_size: int = 480, backbone: str = "vi
     plain = _phase_run(model, images, blobs, image_size=image_size, refine="none", batch_size=batch_size, amp=amp)
     refined = _phase_run(model, images, blobs, image_size=image_size, refine="guided", batch_size=batch_size,
                          amp=amp)
+    crop_cls = _phase_run(model, images, blobs, image_size=image_size, refine="none", batch_size=batch_size,
+                          amp=amp, descriptor="crop_cls")
     x = preprocess(images[:batch_size], image_size).to(device)
     timings = {}
     for fused in (True, False):
@@ -81,8 +85,10 @@ def bench_extract(n_images: int = 16, image_size: int = 480, backbone: str = "vi
     return {
         "config": {"n_images": n_images, "image_size": image_size, "backbone": backbone, "n_masks": 3,
                    "batch_size": batch_size, "device": str(device), "amp": amp},
-        "refine_none": plain, "refine_guided": refined,
+        "refine_none": plain, "refine_guided": refined, "descriptor_crop_cls": crop_cls,
         "refine_cost_ratio": round(plain["images_per_s"] / refined["images_per_s"], 3),
+        # seconds per image with U2Seg's object-crop CLS descriptors over the mask-pooled ones (refine none)
+        "crop_cls_cost_ratio": round(plain["images_per_s"] / crop_cls["images_per_s"], 3),
         "backbone_s_per_image": {k: round(v, 4) for k, v in timings.items()},
         "sdpa_speedup": round(timings["explicit"] / timings["fused"], 3),
     }
