@@ -171,6 +171,10 @@ class ExtractConfig:
                          lambda v: bool(v), "a timm model name")
     weights: str = knob("none", "'none' (random init, seeded), 'timm' (pretrained tag, needs the hub), "
                         "or a local path / s3:// URI to .safetensors or a torch state dict")
+    max_side: int = knob(1024, "decoded images whose longer side exceeds this are downscaled (area) before they "
+                         "reach the MaskCut actors: refinement and object crops work on that copy, masks are still "
+                         "written at the image's full size; 0 = send full-resolution images (more object-store "
+                         "traffic per image)", lambda v: v == 0 or v >= 64, "0 or an integer >= 64")
     image_size: int = knob(480, "square input size in pixels; must be a multiple of the patch size",
                            lambda v: 32 <= v <= 2048, "an integer in [32, 2048]")
     tau: float = knob(0.15, "MaskCut affinity threshold on cosine similarity", lambda v: -1.0 <= v < 1.0,

@@ -82,3 +82,29 @@ def test_an_oom_on_every_multi_image_batch_leaves_every_good_image_ok_in_the_led
     ledger = {r["image_id"]: r["status"] for r in root.read_parquet("extract/images").to_pylist()}
     assert ledger == {f"{i:016x}": "error" if i == 2 else "ok" for i in range(n)}
     assert root.read_parquet("extract/errors").column("error_class").to_pylist() == ["ImageDecodeError:truncated"]
+
+
+def test_decode_sends_a_working_copy_and_masks_come_back_at_full_size(tmp_path):
+    """Decode tasks send at most extract.max_side pixels a side; the actor writes masks at the full size."""
+    import cv2
+
+    from u2seg.features.backbone import build_backbone
+    from u2seg.maskcut.process import process_batch
+    from u2seg.pipeline.extract_actor import decode_batch
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "big.png"
+    cv2.imwrite(str(path), rng.integers(0, 255, (300, 420, 3), dtype=np.uint8))
+    batch = {"image_id": np.array(["a" * 16]), "uri": np.array([str(path)]), "version": np.array(["1-1"])}
+    full = decode_batch(batch, {}, 0.0, max_side=0)
+    small = decode_batch(batch, {}, 0.0, max_side=140)
+    assert full["image"][0].shape == (300, 420, 3) and small["image"][0].shape == (100, 140, 3)
+    assert (small["height"][0], small["width"][0]) == (300, 420)
+    assert small["image"][0].nbytes * 9 == full["image"][0].nbytes  # a third of each side crosses the store
+    model = build_backbone("vit_small_patch8_224.dino", "none", image_size=64, seed=0)
+    working = rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)  # a copy this random ViT finds masks in
+    out = process_batch(model, [working], image_size=64, n_masks=2, refine="none", patches_per_image=0,
+                        amp="none", descriptor="crop_cls", crop_size=32, full_sizes=[(300, 420)])
+    assert out[0].height == 300 and out[0].width == 420
+    assert out[0].masks and all(m["rle"]["size"] == [300, 420] for m in out[0].masks)
+    assert all(len(m["descriptor"]) == 384 for m in out[0].masks)

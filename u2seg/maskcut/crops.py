@@ -38,6 +38,17 @@ def crop_window(box_xywh: np.ndarray | list[float], context: float) -> tuple[int
     return x0, y0, side
 
 
+def mask_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight [x, y, w, h] boxes of boolean masks [m, H, W] (float64 [m, 4]; an empty mask gets zeros)."""
+    masks = np.asarray(masks, dtype=bool)
+    out = np.zeros((masks.shape[0], 4), np.float64)
+    for i, m in enumerate(masks):
+        rows, cols = np.flatnonzero(m.any(1)), np.flatnonzero(m.any(0))
+        if rows.size:
+            out[i] = (cols[0], rows[0], cols[-1] - cols[0] + 1, rows[-1] - rows[0] + 1)
+    return out
+
+
 def object_crops(
     image: np.ndarray,
     masks: np.ndarray,

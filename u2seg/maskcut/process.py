@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +19,7 @@ from u2seg.features import extract_features, patch_size, preprocess
 from u2seg.features.pooling import pooled_stuff_grid
 from u2seg.labels.masks import encode_masks
 from u2seg.maskcut.core import maskcut_detailed
-from u2seg.maskcut.crops import crop_cls_descriptors, object_crops
+from u2seg.maskcut.crops import crop_cls_descriptors, mask_boxes, object_crops
 from u2seg.maskcut.descriptors import mask_descriptors, sample_patch_features
 from u2seg.maskcut.refine import refine_masks, upsample_masks
 
@@ -81,6 +82,7 @@ def process_batch(
     descriptor: str = "mask_pool",
     crop_context: float = 0.1,
     crop_size: int = 224,
+    full_sizes: Sequence[tuple[int, int]] | None = None,
 ) -> list[ImageResult]:
     """Preprocess, backbone, MaskCut, upsample to each image's size, refine, RLE, descriptors, patches.
 
@@ -90,6 +92,10 @@ def process_batch(
     (L2-normalised); "crop_cls" = the CLS (after the final norm, not normalised) of a second pass of the
     same backbone over each mask's masked square crop (``maskcut/crops.py``; U2Seg's descriptor), all of the
     batch's crops in batches of ``len(images_uint8)``.
+
+    ``full_sizes``: the images' own (H, W) when ``images_uint8`` are downscaled working copies (extract sends
+    the actors no more pixels than refinement needs: ``extract.max_side``): refinement and crops use the
+    working copy, and the masks are upsampled to the full size for output.
     """
     if descriptor not in ("mask_pool", "crop_cls"):
         raise ValueError(f"descriptor must be 'mask_pool' or 'crop_cls', got {descriptor!r}")
@@ -120,20 +126,21 @@ def process_batch(
     crops: list[torch.Tensor] = []
     for b, img in enumerate(images_uint8):
         tr = time.perf_counter()
-        H, W = img.shape[:2]
-        radius = max(2, round(max(ph * H, pw * W) / image_size))  # ~ one patch in image pixels
-        full = upsample_masks(patch_masks[b, valid[b]], (H, W))
-        full = refine_masks(full, img, refine, radius=radius)
-        kept = full.flatten(1).any(1)
-        full = full[kept]
+        h, w = img.shape[:2]  # the (working) image refinement and crops see
+        H, W = (int(full_sizes[b][0]), int(full_sizes[b][1])) if full_sizes is not None else (h, w)
+        radius = max(2, round(max(ph * h, pw * w) / image_size))  # ~ one patch in image pixels
+        work = upsample_masks(patch_masks[b, valid[b]], (h, w))
+        work = refine_masks(work, img, refine, radius=radius)
+        kept = work.flatten(1).any(1)
+        work = work[kept]
+        full = work if (h, w) == (H, W) else upsample_masks(work, (H, W))
         scores = stats.scores[b, valid[b]][kept].tolist()
-        full_np = full.cpu().numpy()
-        anns = encode_masks(full_np)
+        anns = encode_masks(full.cpu().numpy())
         if descriptor == "mask_pool":
-            desc = _descriptors(feats.tokens[b : b + 1], full, feats.grid)
+            desc = _descriptors(feats.tokens[b : b + 1], work, feats.grid)
         else:  # the crops go through the backbone after the loop, the whole batch's at once
-            crops.append(object_crops(img, full_np, np.asarray([a["bbox"] for a in anns]).reshape(-1, 4),
-                                      context=crop_context, crop_size=crop_size))
+            work_np = work.cpu().numpy()
+            crops.append(object_crops(img, work_np, mask_boxes(work_np), context=crop_context, crop_size=crop_size))
             desc = np.zeros((len(anns), 0), np.float32)
         masks = [
             {**ann, "mask_id": k, "score": float(scores[k]), "descriptor": desc[k].tolist()}

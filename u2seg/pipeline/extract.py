@@ -72,7 +72,7 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
             gpus = 1.0
         ds = ds.map_batches(decode_batch, batch_size=extract_cfg.batch_size, num_cpus=1,
                             fn_kwargs={"storage_options": cfg.run.storage.storage_options(),
-                                       "retry_s": cfg.run.storage.retry_s})
+                                       "retry_s": cfg.run.storage.retry_s, "max_side": extract_cfg.max_side})
         pool = ray.data.ActorPoolStrategy(min_size=min(extract_cfg.min_actors, extract_cfg.num_actors),
                                           max_size=extract_cfg.num_actors)
         ds = ds.map_batches(MaskCutActor, batch_size=extract_cfg.batch_size, compute=pool, num_gpus=gpus,

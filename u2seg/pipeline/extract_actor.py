@@ -6,6 +6,7 @@ import logging
 import pickle
 from typing import Any
 
+import cv2
 import numpy as np
 
 from u2seg.config import U2SegConfig, resolve_device
@@ -14,24 +15,39 @@ from u2seg.io.inputs import InputUnreachableError, read_input
 log = logging.getLogger(__name__)
 
 
-def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
-                 retry_s: float = 0.0) -> dict[str, np.ndarray]:
+def working_copy(image: np.ndarray, max_side: int) -> np.ndarray:
+    """The image downscaled (area) so its longer side is at most ``max_side`` (0 or smaller: unchanged)."""
+    h, w = image.shape[:2]
+    if max_side <= 0 or max(h, w) <= max_side:
+        return image
+    s = max_side / max(h, w)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any], retry_s: float = 0.0,
+                 max_side: int = 0) -> dict[str, np.ndarray]:
     """Fetch and decode on CPU tasks; a bad image becomes a row with ok=False and the reason.
 
-    An input unreachable through a storage outage fails the task (Ray retries it; a rerun resumes):
-    it is not the image's fault, so it never becomes an error row.
+    What crosses the object store to the actor is the image's working copy (``max_side``; its full size in
+    ``height``/``width``), not a full-resolution array. An input unreachable through a storage outage fails
+    the task (Ray retries it; a rerun resumes): it is not the image's fault, so it never becomes an error row.
     """
     from u2seg.io.images import decode_image
 
     n = len(batch["uri"])
-    out: dict[str, list] = {k: [] for k in ("image_id", "uri", "version", "ok", "error_class", "message", "image")}
+    out: dict[str, list] = {k: [] for k in ("image_id", "uri", "version", "ok", "error_class", "message", "image",
+                                            "height", "width")}
     for i in range(n):
         uri = str(batch["uri"][i])
         out["image_id"].append(str(batch["image_id"][i]))
         out["uri"].append(uri)
         out["version"].append(str(batch["version"][i]))
         try:
-            out["image"].append(decode_image(read_input(uri, storage_options, retry_s)))
+            image = decode_image(read_input(uri, storage_options, retry_s))
+            out["height"].append(image.shape[0])
+            out["width"].append(image.shape[1])
+            out["image"].append(working_copy(image, max_side))
             out["ok"].append(True)
             out["error_class"].append("")
             out["message"].append("")
@@ -43,6 +59,8 @@ def decode_batch(batch: dict[str, np.ndarray], storage_options: dict[str, Any],
             out["error_class"].append(type(exc).__name__ + (f":{reason}" if reason else ""))
             out["message"].append(str(exc)[:2000])
             out["image"].append(np.zeros((1, 1, 3), np.uint8))
+            out["height"].append(-1)
+            out["width"].append(-1)
             log.warning("extract: %s failed to load: %s", uri, exc)
     images = np.empty(n, dtype=object)
     images[:] = out.pop("image")
@@ -92,19 +110,22 @@ def run_model_batch(model: Any, batch: dict[str, np.ndarray], cfg: U2SegConfig, 
     err = [str(x) for x in batch["error_class"]]
     msg = [str(x) for x in batch["message"]]
     ok_idx = [i for i in range(n) if ok[i]]
-    images = [batch["image"][i] for i in ok_idx]
+    # (working copy, full (H, W)): decode sends a downscaled copy of large images (extract.max_side)
+    items = [(batch["image"][i], (int(batch["height"][i]), int(batch["width"][i])) if "height" in batch
+              else batch["image"][i].shape[:2]) for i in ok_idx]
     kmeans_stuff = stuff_head is None
 
-    def model_call(imgs: list[np.ndarray]) -> list[Any]:
-        return process_batch(model, imgs, image_size=extract_cfg.image_size, tau=extract_cfg.tau,
-                             n_masks=extract_cfg.n_masks, solver=extract_cfg.solver, refine=extract_cfg.refine,
-                             patches_per_image=0, amp=extract_cfg.amp, seed=cfg.run.seed,
+    def model_call(chunk: list[tuple[np.ndarray, tuple[int, int]]]) -> list[Any]:
+        return process_batch(model, [img for img, _ in chunk], image_size=extract_cfg.image_size,
+                             tau=extract_cfg.tau, n_masks=extract_cfg.n_masks, solver=extract_cfg.solver,
+                             refine=extract_cfg.refine, patches_per_image=0, amp=extract_cfg.amp, seed=cfg.run.seed,
                              stuff=(extract_cfg.stuff_grid, extract_cfg.stuff_dim) if kmeans_stuff else None,
                              stuff_head=stuff_head, descriptor=extract_cfg.descriptor,
-                             crop_context=extract_cfg.crop_context, crop_size=extract_cfg.crop_size)
+                             crop_context=extract_cfg.crop_context, crop_size=extract_cfg.crop_size,
+                             full_sizes=[size for _, size in chunk])
 
     results: dict[int, Any] = {}
-    for i, out in zip(ok_idx, call_per_item(model_call, images, what="extract model"), strict=True):
+    for i, out in zip(ok_idx, call_per_item(model_call, items, what="extract model"), strict=True):
         if isinstance(out, ItemFailure):
             ok[i], err[i], msg[i] = False, out.error_class, f"model failure: {out.error}"[:2000]
         else:
