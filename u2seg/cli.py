@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.storage.endpoint_url=http://...")
 
     p = sub.add_parser("bench", help="benchmarks; each writes JSON and prints a table")
-    p.add_argument("what", choices=["maskcut", "extract", "cluster", "train", "manifest", "refine", "stuff"])
+    p.add_argument("what", choices=["maskcut", "extract", "cluster", "train", "manifest", "refine", "stuff", "scale"])
     p.add_argument("--out", default="bench-results", help="folder or s3:// prefix for the JSON")
     p.add_argument("--n", type=int, default=None, help="problem size (images, vectors, keys)")
     p.add_argument("--image-size", type=int, default=None)

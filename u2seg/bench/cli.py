@@ -83,6 +83,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         result = bench_train(steps=args.n or (2 if args.quick else 6), image_size=args.image_size or 256,
                              backbone=args.backbone or "vit_small_patch8_224.dino")
+    elif what == "scale":
+        from u2seg.bench.scale import bench_scale
+
+        sizes = (200, 1_000) if args.quick else ((args.n // 10, args.n) if args.n else (10_000, 100_000))
+        result = bench_scale(sizes=sizes, image_px=args.image_size or 48)
     elif what == "stuff":
         from u2seg.bench.stuff import bench_stuff
 

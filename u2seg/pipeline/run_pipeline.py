@@ -35,7 +35,8 @@ def run_pipeline(cfg: U2SegConfig, *, force: bool = False, stages: Sequence[str]
     summary: dict[str, Any] = {"run_root": root.uri, "stages": {}}
     with hold_lease(root, cfg.run.lease_s, "u2seg pipeline", wait_s=wait_for_lease_s):
         for name in stages:
-            if name in EVALUATION_STAGES and not has_ground_truth(cfg):
+            if name in (*EVALUATION_STAGES, "predict") and not has_ground_truth(cfg):
+                # predictions serve the model's evaluation; `u2seg predict` makes them on demand
                 log.info("%s: no ground truth configured (evaluate.gt_panoptic_json), skipped", name)
                 continue
             summary["stages"][name] = run_stage(name, cfg, force=force)
