@@ -16,7 +16,8 @@ pytestmark = pytest.mark.integration
 
 
 def _batch(uris: list[str]) -> dict[str, np.ndarray]:
-    return {"uri": np.array(uris), "image_id": np.array([f"id{i}" for i in range(len(uris))])}
+    return {"uri": np.array(uris), "image_id": np.array([f"id{i}" for i in range(len(uris))]),
+            "version": np.array(["1-1"] * len(uris))}
 
 
 def test_an_outage_is_waited_out_and_a_missing_image_is_an_error_row(s3):

@@ -10,6 +10,7 @@ import psutil
 import pytest
 
 from u2seg.config import ConfigError, load_config
+from u2seg.errors import InputsError
 from u2seg.io import RunRoot
 from u2seg.io.images import image_id_for
 from u2seg.io.schemas import MANIFEST_SCHEMA
@@ -109,7 +110,7 @@ def test_bad_inputs_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_manifest(_cfg(str(tmp_path / "r"), [str(tmp_path / "nope")]), RunRoot(str(tmp_path / "r")))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no images found"):
+    with pytest.raises(InputsError, match="no images found"):
         run_manifest(_cfg(str(tmp_path / "r"), [str(tmp_path / "empty")]), RunRoot(str(tmp_path / "r")))
 
 
