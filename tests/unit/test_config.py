@@ -120,6 +120,15 @@ def test_a_train_knob_leaves_the_labels_evaluation_alone_and_the_target_selects_
     assert all(st.config_hash(base) == st.config_hash(model) for st in STAGES)
 
 
+def test_where_progress_and_scalars_go_is_in_no_hash():
+    base = U2SegConfig()
+    watched = load_config(None, ["run.progress_every_s=1", "train.mlflow_uri=http://mlflow:5000"])
+    assert watched.run.progress_every_s == 1.0 and base.run.progress_every_s == 30.0
+    assert base.hash() == watched.hash() and all(st.config_hash(base) == st.config_hash(watched) for st in STAGES)
+    with pytest.raises(ConfigError, match=r"run\.progress_every_s"):
+        load_config(None, ["run.progress_every_s=-1"])
+
+
 def test_secrets_are_redacted_and_excluded_from_hash():
     a = load_config(None, ["run.storage.secret=topsecret", "run.storage.key=AKIA"])
     assert "topsecret" not in a.to_yaml() and "AKIA" not in a.to_yaml()

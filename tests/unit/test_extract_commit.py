@@ -82,3 +82,13 @@ def test_an_oom_on_every_multi_image_batch_leaves_every_good_image_ok_in_the_led
     ledger = {r["image_id"]: r["status"] for r in root.read_parquet("extract/images").to_pylist()}
     assert ledger == {f"{i:016x}": "error" if i == 2 else "ok" for i in range(n)}
     assert root.read_parquet("extract/errors").column("error_class").to_pylist() == ["ImageDecodeError:truncated"]
+
+
+def test_a_group_result_counts_its_error_rows_by_reason(tmp_path):
+    import json
+
+    batch = _error_batch(["d", "e", "f"])
+    batch["error_class"] = np.array(["ImageDecodeError:truncated", "ImageTooSmallError", "ImageTooSmallError"])
+    out = write_group(batch, RunRoot(str(tmp_path)))
+    assert out["errors"].tolist() == [3]
+    assert json.loads(out["error_classes"][0]) == {"ImageDecodeError:truncated": 1, "ImageTooSmallError": 2}

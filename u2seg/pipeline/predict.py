@@ -54,8 +54,10 @@ class PredictActor:
         return {"images": np.array([len(ids)]), "instances": np.array([len(fragment.instances)])}
 
 
-def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str) -> dict[str, Any]:
-    """Predict every ok image of the extract ledger with round ``round_idx``'s model into label set ``out``."""
+def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str,
+                   stage: str = "predict") -> dict[str, Any]:
+    """Predict every ok image of the extract ledger with round ``round_idx``'s model into label set ``out``
+    (its progress in ``stage``'s ``_PROGRESS.json``: self-training predicts inside the train stage)."""
     import ray
 
     model_rel = layout.round_model(round_idx)
@@ -73,7 +75,8 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str) ->
                                "storage_options": cfg.run.storage.storage_options(),
                                "retry_s": cfg.run.storage.retry_s})
     n = 0
-    with Progress(len(rows), f"predict round {round_idx}", unit="img") as bar:
+    with Progress(len(rows), f"predict round {round_idx}", unit="img", root=root, stage=stage,
+                  every_s=cfg.run.progress_every_s) as bar:
         for row in ds.iter_rows():
             n += int(row["images"])
             bar.update(int(row["images"]))
