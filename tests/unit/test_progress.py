@@ -190,7 +190,7 @@ def test_guard_records_a_failed_training_and_the_writer_pickles(tmp_path):
 
 
 def test_the_training_callback_feeds_the_record_from_the_reports(tmp_path):
-    from u2seg.pipeline.progress import progress_callbacks
+    from u2seg.pipeline.train_progress import progress_callbacks
 
     root = RunRoot(str(tmp_path))
     p = StageProgress(root, "train", total=6, unit="step", start_done=None, every_s=0)

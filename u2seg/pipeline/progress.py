@@ -6,8 +6,8 @@ TTY); ``<stage folder>/_PROGRESS.json`` in the run root, rewritten by the driver
 and Ray metrics (``u2seg_stage_*``, on the Ray cluster's Prometheus endpoint). None of them can fail a
 stage: a failed progress write or metrics record is a warning.
 
-Training loops report from Ray Train's controller: :class:`ProgressCallback` turns each ``ray.train.report``
-(the checkpoints) into an update of the same record.
+Training loops report from Ray Train's controller: ``train_progress.ProgressCallback`` turns each
+``ray.train.report`` (the checkpoints) into an update of the same record.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class StageProgress:
 
     Writes a first record when made, then at most every ``every_s`` seconds on :meth:`update`, and a last
     one on :meth:`finish` (``finished: true``) or :meth:`fail`. Picklable (Ray Train's controller holds a
-    copy in :class:`ProgressCallback`); the path comes from the stage table.
+    copy in ``train_progress.ProgressCallback``); the path comes from the stage table.
     """
 
     def __init__(self, root: RunRoot | None, stage: str, total: int, unit: str, *, phase: str | None = None,
@@ -244,15 +244,3 @@ class Progress:
             else:
                 self.watch.fail(exc)
         log.info("%s: %d/%d %s in %.1fs", self.desc, self.done, self.total, self.unit, time.time() - self._t0)
-
-
-def progress_callbacks(progress: StageProgress) -> list[Any]:
-    """``ray.train.RunConfig(callbacks=...)`` feeding ``progress`` from each report; empty where this Ray Train
-    has no user callbacks (then only the first and last records are written)."""
-    try:
-        from u2seg.pipeline.train_progress import ProgressCallback
-    except (ImportError, AttributeError) as exc:
-        log.warning("progress: Ray Train user callbacks unavailable (%s); training progress at start and end only",
-                    exc)
-        return []
-    return [ProgressCallback(progress)]

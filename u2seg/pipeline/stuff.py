@@ -33,7 +33,7 @@ import numpy as np
 from u2seg.config import U2SegConfig, config_from_dict
 from u2seg.io import RunRoot, layout
 from u2seg.pipeline.markers import fingerprint
-from u2seg.pipeline.progress import Progress, StageProgress, progress_callbacks
+from u2seg.pipeline.progress import Progress, StageProgress
 from u2seg.pipeline.scalars import require_mlflow
 
 log = logging.getLogger(__name__)
@@ -315,6 +315,8 @@ def train_head(cfg: U2SegConfig, root: RunRoot, images: list[dict[str, str]], kn
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from u2seg.pipeline.train_progress import progress_callbacks
 
     st = cfg.stuff
     require_mlflow(cfg.train.mlflow_uri)

@@ -22,7 +22,7 @@ from typing import Any
 from u2seg.config import U2SegConfig, config_from_dict
 from u2seg.io import RunRoot, layout
 from u2seg.io.labelset import LabelSet
-from u2seg.pipeline.progress import StageProgress, progress_callbacks
+from u2seg.pipeline.progress import StageProgress
 from u2seg.pipeline.scalars import require_mlflow
 from u2seg.pipeline.train_data import batch_indices, label_set_rows, load_rows
 
@@ -174,6 +174,8 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from u2seg.pipeline.train_progress import progress_callbacks
 
     train_cfg = cfg.train
     require_mlflow(train_cfg.mlflow_uri)

@@ -1,6 +1,6 @@
 """Ray Train's side of stage progress: the controller calls this after every ``ray.train.report``.
 
-Imported only by the training drivers (it imports Ray Train); ``progress.progress_callback`` makes one.
+Imported only by the training drivers, when they run (it imports Ray Train).
 """
 
 from __future__ import annotations
@@ -31,3 +31,8 @@ class ProgressCallback(ray.train.UserCallback):
             self.progress.update(done=max(steps), start_done=min(starts) if starts else None)
         except Exception as exc:
             log.warning("progress: a training report could not be recorded (%s)", exc)
+
+
+def progress_callbacks(progress: StageProgress) -> list[Any]:
+    """``ray.train.RunConfig(callbacks=...)`` feeding ``progress`` from each report."""
+    return [ProgressCallback(progress)]
