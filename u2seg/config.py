@@ -110,6 +110,12 @@ class RunConfig:
                           "(renewed every lease_s/4 seconds); another driver fails at once, naming the owner and "
                           "when the lease expires (or waits with --wait); a killed driver's lease is taken over "
                           "once it is lease_s seconds old", lambda v: v >= 5, ">= 5 seconds")
+    progress_every_s: float = knob(30.0, "while a stage's long loop runs (extract, label, predict, cluster's "
+                                   "assignment pass, the stuff descriptors, training steps), the driver rewrites "
+                                   "<stage folder>/_PROGRESS.json (phase, done, total, unit, errors by reason, rate, "
+                                   "eta_s, finished) at most every this many seconds, and once more when the loop "
+                                   "ends; training reports at its checkpoints (train.checkpoint_every); "
+                                   "0 = at every update", _non_negative, ">= 0 seconds")
 
 
 @dataclass
@@ -279,6 +285,10 @@ class TrainConfig:
                                   "a fraction in [0, 1]")
     dedup_iou: float = knob(0.5, "a prediction overlapping a pseudo mask above this IoU is a duplicate",
                             _fraction, "a fraction in [0, 1]")
+    mlflow_uri: str | None = knob(None, "MLflow tracking URI (http://host:5000, file:///path, databricks): rank 0 "
+                                  "also logs the training scalars of every round and of the stuff head there, one "
+                                  "MLflow run each (TensorBoard event files go to the run root always); needs the "
+                                  "mlflow package (pip install mlflow); in no stage hash")
 
 
 @dataclass
@@ -355,7 +365,9 @@ class U2SegConfig:
         """Hash of the work the run describes (storage credentials and logging excluded)."""
         d = self.to_dict()
         d["run"] = {k: v for k, v in d["run"].items() if k not in ("storage", "log_level", "ray_address",
-                                                                   "ray_num_cpus", "run_root", "lease_s")}
+                                                                   "ray_num_cpus", "run_root", "lease_s",
+                                                                   "progress_every_s")}
+        d["train"] = {k: v for k, v in d["train"].items() if k != "mlflow_uri"}
         return _digest(d)
 
     def section_hash(self, sections: Iterable[str], exclude: Iterable[str] = ()) -> str:

@@ -28,6 +28,8 @@ BAD_VALUES = [
     ("cluster.things_k", "0", "a positive integer"),
     ("cluster.refit", "sometimes", "one of 'assign_new', 'always'"),
     ("stuff.k", "1", "an integer in [2, 255]"),
+    ("predict.rows_per_part", "0", "a positive integer"),
+    ("extract.max_side", "10", "0 or an integer >= 64"),
     ("stuff.method", "crf", "one of 'stego', 'kmeans'"),
     ("stuff.batch_size", "1", ">= 2"),
     ("extract.descriptor", "cls", "one of 'crop_cls', 'mask_pool'"),
@@ -118,6 +120,15 @@ def test_a_train_knob_leaves_the_labels_evaluation_alone_and_the_target_selects_
     assert stage("evaluate_model").config_hash(base) != stage("evaluate_model").config_hash(trained)
     model = load_config(None, ["evaluate.target=model"])
     assert all(st.config_hash(base) == st.config_hash(model) for st in STAGES)
+
+
+def test_where_progress_and_scalars_go_is_in_no_hash():
+    base = U2SegConfig()
+    watched = load_config(None, ["run.progress_every_s=1", "train.mlflow_uri=http://mlflow:5000"])
+    assert watched.run.progress_every_s == 1.0 and base.run.progress_every_s == 30.0
+    assert base.hash() == watched.hash() and all(st.config_hash(base) == st.config_hash(watched) for st in STAGES)
+    with pytest.raises(ConfigError, match=r"run\.progress_every_s"):
+        load_config(None, ["run.progress_every_s=-1"])
 
 
 def test_secrets_are_redacted_and_excluded_from_hash():

@@ -108,3 +108,13 @@ def test_decode_sends_a_working_copy_and_masks_come_back_at_full_size(tmp_path):
     assert out[0].height == 300 and out[0].width == 420
     assert out[0].masks and all(m["rle"]["size"] == [300, 420] for m in out[0].masks)
     assert all(len(m["descriptor"]) == 384 for m in out[0].masks)
+
+
+def test_a_group_result_counts_its_error_rows_by_reason(tmp_path):
+    import json
+
+    batch = _error_batch(["d", "e", "f"])
+    batch["error_class"] = np.array(["ImageDecodeError:truncated", "ImageTooSmallError", "ImageTooSmallError"])
+    out = write_group(batch, RunRoot(str(tmp_path)))
+    assert out["errors"].tolist() == [3]
+    assert json.loads(out["error_classes"][0]) == {"ImageDecodeError:truncated": 1, "ImageTooSmallError": 2}

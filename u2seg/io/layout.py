@@ -29,6 +29,7 @@ MANIFEST_ERRORS = "manifest/errors"
 # stuff: the trained (or loaded) STEGO head with its cluster probe
 STUFF = "stuff"
 STUFF_HEAD = "stuff/head.pt"
+STUFF_TENSORBOARD = "stuff/tensorboard"  # TensorBoard event files of the head's training (rank 0)
 
 # extract: the ledger part (one row per input image, ok or error) is committed last for its group, so
 # an image is done iff it is in the ledger; the other tables' parts share the ledger part's name.
@@ -61,6 +62,8 @@ MODEL_FILE = "model.pt"
 SUCCESS = "_SUCCESS"
 STARTED = "_STARTED"
 STATS = "stats.json"
+# rewritten by the driver every run.progress_every_s while a stage's long loop runs (u2seg/pipeline/progress.py)
+PROGRESS = "_PROGRESS.json"
 
 _ROUND = re.compile(r"^round-(\d+)$")
 
@@ -99,6 +102,11 @@ def round_model(r: int) -> str:
 
 def round_metrics(r: int) -> str:
     return f"{train_round(r)}/metrics.jsonl"
+
+
+def round_tensorboard(r: int) -> str:
+    """TensorBoard event files of round ``r``'s training (rank 0's scalars, copied at each checkpoint)."""
+    return f"{train_round(r)}/tensorboard"
 
 
 def round_labels(r: int) -> str:

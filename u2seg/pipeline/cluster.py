@@ -19,6 +19,7 @@ from u2seg.config import U2SegConfig
 from u2seg.io import RunRoot, layout
 from u2seg.io.schemas import ASSIGNMENTS_SCHEMA
 from u2seg.pipeline.markers import fingerprint
+from u2seg.pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,11 @@ def run_cluster(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
             AssignActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=max(1, min(cfg.cluster.num_shards,
                                                                                          len(todo)))),
             num_cpus=1, fn_constructor_kwargs={"root": root, "spherical": cfg.cluster.spherical})
-        assigned = sum(int(r["masks"]) for r in ds.iter_rows())
+        with Progress(len(todo), "cluster: assign", unit="part", root=root, stage="cluster",
+                      every_s=cfg.run.progress_every_s) as bar:
+            for r in ds.iter_rows():
+                assigned += int(r["masks"])
+                bar.update(1)
     t3 = time.time()
     log.info("cluster: things k=%d, stuff k=%d; %d masks assigned now", things["stats"]["k"], stuff["stats"]["k"],
              assigned)

@@ -7,6 +7,7 @@ every table's part, the ledger part last). A killed worker or a rerun never lose
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 import time
@@ -80,13 +81,14 @@ def run_extract(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
             fn_constructor_kwargs={"cfg_dict": cfg.to_dict(), "stuff_head": stuff_head})
         ds = ds.map_batches(write_group, batch_size=extract_cfg.rows_per_part, num_cpus=0.5,
                             fn_kwargs={"root": root, "token": run_token(root)})
-        with Progress(todo, "extract", unit="img") as bar:
+        with Progress(todo, "extract", unit="img", root=root, stage="extract",
+                      every_s=cfg.run.progress_every_s) as bar:
             for row in ds.iter_rows():
                 for k in sums:
                     sums[k] += row[k]
                 for k, v in pickle.loads(row["timings"]).items():
                     timings[k] = timings.get(k, 0.0) + v
-                bar.update(int(row["images"]))
+                bar.update(int(row["images"]), errors=json.loads(row["error_classes"]))
     ledger = layout.id_array(ledger_ids(root))
     n_ledger = len(ledger)
     errors = root.read_parquet(layout.ERRORS, columns=["image_id"], schema=ERRORS_SCHEMA).num_rows

@@ -9,9 +9,11 @@ deleted when the stage starts. A run token in ``extract/_STARTED`` fences late w
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import pickle
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -146,6 +148,8 @@ def write_group(batch: dict[str, np.ndarray], root: RunRoot, token: str | None =
         "part": np.array([name]),
         "images": np.array([len(ids)]),
         "errors": np.array([len(rows["errors"])]),
+        # error rows by reason (their error_class), so the driver's progress counts them by reason
+        "error_classes": np.array([json.dumps(dict(Counter(e["error_class"] for e in rows["errors"])))]),
         "masks": np.array([len(rows["masks"])]),
         "write_s": np.array([time.perf_counter() - t0]),
         "timings": np.array([pickle.dumps(rows["timings"])], dtype=object),

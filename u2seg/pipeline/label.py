@@ -105,7 +105,8 @@ def run_label(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         label_cfg = cfg.label
         ds = ray.data.from_items([{"name": p} for p in todo]).map_batches(
             lambda b: _label_batch(b, root, label_cfg, inputs), batch_size=1, num_cpus=1)
-        with Progress(len(todo), "label", unit="group") as bar:
+        with Progress(len(todo), "label", unit="group", root=root, stage="label",
+                      every_s=cfg.run.progress_every_s) as bar:
             for r in ds.iter_rows():
                 totals["segments"] += int(r["segments"])
                 totals["instances"] += int(r["instances"])

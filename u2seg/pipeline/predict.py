@@ -123,9 +123,11 @@ def _select_todo(batch: pa.Table, done: pa.Array, ok_only: bool) -> pa.Table:
     return batch.select(["image_id", "uri"])
 
 
-def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, inputs: str) -> dict[str, Any]:
+def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, inputs: str,
+                   stage: str = "predict") -> dict[str, Any]:
     """Predict with round ``round_idx``'s model every image listed in ``inputs`` (a run-root folder of
-    manifest-like parts, or the extract ledger, whose ok images are taken) not yet in ``<out>/ledger``."""
+    manifest-like parts, or the extract ledger, whose ok images are taken) not yet in ``<out>/ledger``; its
+    progress goes to ``stage``'s ``_PROGRESS.json`` (self-training predicts inside the train stage)."""
     import ray
 
     model_rel = layout.round_model(round_idx)
@@ -154,11 +156,13 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, in
                             num_cpus=pc_cfg.cpus_per_actor,
                             fn_constructor_kwargs={"root": root, "model_rel": model_rel, "out": out,
                                                    "cfg_dict": cfg.to_dict()})
-        with Progress(max(0, total - len(done)), f"predict round {round_idx}", unit="img") as bar:
+        with Progress(max(0, total - len(done)), f"predict round {round_idx}", unit="img", root=root, stage=stage,
+                      every_s=cfg.run.progress_every_s) as bar:
             for row in ds.iter_rows():
                 for k in sums:
                     sums[k] += int(row[k])
-                bar.update(int(row["images"]))
+                bar.update(int(row["images"]), errors={"model or decode": int(row["errors"])}
+                           if int(row["errors"]) else None)
     counts = labels.merge(f"u2seg predictions of round {round_idx}")
     errors = root.read_parquet(f"{out}/ledger", columns=["status"], schema=PREDICT_LEDGER_SCHEMA)
     n_errors = int(pc.sum(pc.equal(errors.column("status"), "error")).as_py() or 0) if errors.num_rows else 0

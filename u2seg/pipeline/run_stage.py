@@ -77,6 +77,7 @@ def claim_outputs(root: RunRoot, st: Stage, config_hash: str, reset_hash: str,
             for rel in st.outputs:
                 root.remove(rel, recursive=True)
         root.remove(st.marker())
+    root.remove(st.marker(layout.PROGRESS))  # the last run's progress is not this run's
     unfinished = sum(root.remove_unfinished_writes(rel) for rel in {st.folder, *st.outputs})
     if unfinished:
         log.info("%s: removed %d unfinished write(s) of an interrupted run", st.name, unfinished)

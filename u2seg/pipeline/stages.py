@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from u2seg.config import U2SegConfig
     from u2seg.io import RunRoot
 
-# Config keys that select which work to do rather than describe it: never part of a stage hash.
-SELECTOR_KEYS = ("evaluate.target",)
+# Config keys that do not describe the work (which work to run, where training scalars also go): never part of
+# a stage hash.
+SELECTOR_KEYS = ("evaluate.target", "train.mlflow_uri")
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ import numpy as np
 from u2seg.config import U2SegConfig, config_from_dict
 from u2seg.io import RunRoot, layout
 from u2seg.pipeline.markers import fingerprint
-from u2seg.pipeline.progress import Progress
+from u2seg.pipeline.progress import Progress, StageProgress
+from u2seg.pipeline.scalars import require_mlflow
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +172,10 @@ class CropDescriptorActor:
                 "descriptors": np.array(out_desc, dtype=object)}
 
 
-def crop_descriptors(cfg: U2SegConfig, rows: list[dict[str, str]]) -> tuple[list[dict[str, str]], np.ndarray]:
-    """(images kept, descriptors [5 * kept, C] in image-then-crop order), sorted by image id."""
+def crop_descriptors(cfg: U2SegConfig, rows: list[dict[str, str]],
+                     root: RunRoot | None = None) -> tuple[list[dict[str, str]], np.ndarray]:
+    """(images kept, descriptors [5 * kept, C] in image-then-crop order), sorted by image id; progress in
+    ``stuff/_PROGRESS.json`` when ``root`` is given."""
     import ray
 
     ds = ray.data.from_items(rows).map_batches(
@@ -180,11 +183,13 @@ def crop_descriptors(cfg: U2SegConfig, rows: list[dict[str, str]]) -> tuple[list
         compute=ray.data.ActorPoolStrategy(size=cfg.extract.num_actors), num_cpus=cfg.extract.cpus_per_actor,
         num_gpus=cfg.extract.gpus_per_actor, fn_constructor_kwargs={"cfg_dict": cfg.to_dict()})
     got: dict[str, tuple[str, np.ndarray]] = {}
-    with Progress(len(rows), "stuff: crop descriptors", unit="img") as bar:
+    with Progress(len(rows), "stuff: crop descriptors", unit="img", root=root, stage="stuff" if root else None,
+                  every_s=cfg.run.progress_every_s) as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for image_id, uri, blob in zip(batch["image_id"], batch["uri"], batch["descriptors"], strict=True):
                 got[str(image_id)] = (str(uri), np.frombuffer(blob, np.float32).reshape(N_CROPS, -1))
             bar.update(len(batch["image_id"]))
+        bar.update(len(rows) - len(got), errors={"left_out": len(rows) - len(got)})  # unreadable: not trained on
     kept = sorted(got)
     if not kept:
         raise ValueError("stuff: no image of the training sample could be read")
@@ -226,6 +231,7 @@ def stuff_train_loop(config: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from u2seg.features.backbone import build_backbone
+    from u2seg.pipeline.scalars import open_scalars
     from u2seg.pipeline.train import append_metrics
     from u2seg.pipeline.train_data import batch_indices
     from u2seg.stuff.knn import pick_positives
@@ -254,6 +260,8 @@ def stuff_train_loop(config: dict[str, Any]) -> None:
             opt.load_state_dict(opt_state)
         step = int(state["step"])
     cache = _CropCache(cfg)
+    scalars = open_scalars(config["root"], layout.STUFF_TENSORBOARD, rank=rank, mlflow_uri=cfg.train.mlflow_uri,
+                           run_name="stuff", start_step=step)
 
     def reduce_gradients() -> None:
         if world > 1:
@@ -281,18 +289,21 @@ def stuff_train_loop(config: dict[str, Any]) -> None:
         history.append({"step": step, "rank": rank, "elapsed_s": round(elapsed, 3),
                         "crops_per_s": round(2 * st.batch_size * world * (step - start_step) / max(elapsed, 1e-9), 3),
                         **losses})
+        scalars.log(step, history[-1])
         if step % every == 0 or step >= st.steps:
             if rank == 0:
                 append_metrics(config["root"], layout.marker(layout.STUFF, "metrics.jsonl"), history,
                                keep_upto=recorded_upto)
                 history, recorded_upto = [], step
+                scalars.sync()
             with tempfile.TemporaryDirectory() as d:
                 checkpoint = None
                 if rank == 0:
                     torch.save({"head": head.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                                 "step": step}, os.path.join(d, "stuff.pt"))
                     checkpoint = ray.train.Checkpoint.from_directory(d)
-                ray.train.report({"step": step, **losses}, checkpoint=checkpoint)
+                ray.train.report({"step": step, "start_step": start_step, **losses}, checkpoint=checkpoint)
+    scalars.close()
     if rank == 0:
         meta = {"backbone": cfg.extract.backbone, "weights": cfg.extract.weights, "steps": step,
                 "images": len(images), "crops": len(knn), "preset": st.preset}
@@ -305,7 +316,12 @@ def train_head(cfg: U2SegConfig, root: RunRoot, images: list[dict[str, str]], kn
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from u2seg.pipeline.train_progress import progress_callbacks
+
     st = cfg.stuff
+    require_mlflow(cfg.train.mlflow_uri)
+    progress = StageProgress(root, "stuff", st.steps, "step", phase="stuff: train", every_s=cfg.run.progress_every_s,
+                             start_done=None)
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = cfg.run.device != "cpu" and gpus >= st.num_workers
     trainer = TorchTrainer(
@@ -318,10 +334,12 @@ def train_head(cfg: U2SegConfig, root: RunRoot, images: list[dict[str, str]], kn
             name="train", storage_path=root.path(layout.STUFF),
             storage_filesystem=None if root.is_local else root.pyarrow_fs(),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=progress_callbacks(progress)))
     t0 = time.time()
-    result = trainer.fit()
+    with progress.guard():
+        result = trainer.fit()
     final = dict(result.metrics or {})
+    progress.finish(int(final.get("step", 0)), start_done=final.get("start_step"))
     return {"steps": int(final.get("step", 0)), "loss_total": final.get("loss/total"),
             "train_seconds": round(time.time() - t0, 1), "use_gpu": use_gpu}
 
@@ -351,7 +369,7 @@ def run_stuff(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
 
         t0 = time.time()
         sample = sample_images(root, st.train_images, cfg.run.seed)
-        images, descriptors = crop_descriptors(cfg, sample)
+        images, descriptors = crop_descriptors(cfg, sample, root)
         if len(descriptors) < st.neighbors + 1:
             raise ValueError(f"stuff: {len(images)} readable images give {len(descriptors)} crops, fewer than "
                              f"stuff.neighbors + 1 = {st.neighbors + 1}: raise stuff.train_images or add images")

@@ -22,6 +22,8 @@ from typing import Any
 from u2seg.config import U2SegConfig, config_from_dict
 from u2seg.io import RunRoot, layout
 from u2seg.io.labelset import LabelSet
+from u2seg.pipeline.progress import StageProgress
+from u2seg.pipeline.scalars import require_mlflow
 from u2seg.pipeline.train_data import batch_indices, label_set_rows, load_rows
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from u2seg.model import augment_batch, build_model, model_from_bytes, model_to_bytes, targets_from_labels
     from u2seg.model.train import train_step
+    from u2seg.pipeline.scalars import open_scalars
 
     cfg = config_from_dict(config["cfg"])
     train_cfg = cfg.train
@@ -120,6 +123,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if use_cuda and mcfg.amp == "fp16" else None
     aug = augment_config(cfg)
     rows = ray.get(config["rows"])
+    scalars = open_scalars(config["root"], config["tensorboard_rel"], rank=rank, mlflow_uri=train_cfg.mlflow_uri,
+                           start_step=step)
     history: list[dict[str, Any]] = []
     start_step, t0, cpu0 = step, time.time(), time.process_time()
     recorded_upto = start_step  # metrics.jsonl rows up to this step belong to the curve
@@ -144,11 +149,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = {"step": step, "rank": rank, "start_step": start_step, "elapsed_s": round(elapsed, 4),
                        "cpu_s": round(time.process_time() - cpu0, 4), "images_per_s": round(rate, 4), **losses}
             history.append(metrics)
+            scalars.log(step, metrics)
             last = step >= train_cfg.steps
             if step % train_cfg.checkpoint_every == 0 or last:
                 if rank == 0:  # the curve so far survives a kill; rows past a checkpoint are never kept twice
                     append_metrics(config["root"], config["metrics_rel"], history, keep_upto=recorded_upto)
                     history, recorded_upto = [], step
+                    scalars.sync()
                 with tempfile.TemporaryDirectory() as d:
                     ckpt_obj = None
                     if rank == 0:
@@ -156,6 +163,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             fh.write(model_to_bytes(model, optimizer=optimizer, extra={"step": step}))
                         ckpt_obj = ray.train.Checkpoint.from_directory(d)
                     ray.train.report(metrics, checkpoint=ckpt_obj)
+    scalars.close()
     if rank == 0:
         root: RunRoot = config["root"]
         root.write_bytes(config["model_rel"], model_to_bytes(model, extra={"step": step}))
@@ -167,7 +175,10 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from u2seg.pipeline.train_progress import progress_callbacks
+
     train_cfg = cfg.train
+    require_mlflow(train_cfg.mlflow_uri)
     k_things, k_stuff = layout.class_counts(root)
     label_dir = layout.round_labels(round_idx)
     rows = label_set_rows(LabelSet(root, label_dir, k_things, k_stuff),
@@ -175,26 +186,31 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = train_cfg.use_gpu == "yes" or (train_cfg.use_gpu == "auto" and gpus >= train_cfg.num_workers)
     name = layout.round_name(round_idx)
+    progress = StageProgress(root, "train", train_cfg.steps, "step", phase=f"train {name}", start_done=None,
+                             every_s=cfg.run.progress_every_s)
     prev = layout.round_model(round_idx - 1)
     init = prev if round_idx > 0 and root.exists(prev) else None
     run_config = ray.train.RunConfig(
         name=name, storage_path=root.path(layout.TRAIN),
         storage_filesystem=None if root.is_local else root.pyarrow_fs(),
         failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2))
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=progress_callbacks(progress))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "k_things": k_things, "k_stuff": k_stuff, "root": root,
                            "rows": ray.put(rows), "use_gpu": use_gpu, "metrics_rel": layout.round_metrics(round_idx),
+                           "tensorboard_rel": layout.round_tensorboard(round_idx),
                            "model_rel": layout.round_model(round_idx), "cpu_threads": 1, "init_model_rel": init},
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=run_config,
     )
     t0 = time.time()
-    result = trainer.fit()
+    with progress.guard():
+        result = trainer.fit()
     wall = time.time() - t0
     final = dict(result.metrics or {})
+    progress.finish(int(final.get("step", 0)), start_done=final.get("start_step"))
     log.info("train %s: %s", name, {k: final.get(k) for k in ("step", "loss_total")})
     return {"round": round_idx, "steps": int(final.get("step", 0)), "loss_total": final.get("loss_total"),
             "train_images": len(rows), "workers": train_cfg.num_workers, "use_gpu": use_gpu,
@@ -222,7 +238,7 @@ def run_train(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         if root.exists(layout.round_model(r)):
             log.info("train: self-training round %d already trained, kept", r)
             continue
-        predicted = predict_images(cfg, root, r - 1, layout.round_predictions(r - 1), layout.LEDGER)
+        predicted = predict_images(cfg, root, r - 1, layout.round_predictions(r - 1), layout.LEDGER, stage="train")
         relabel = build_round_labels(cfg, root, r)
         stats = run_train_round(cfg, root, r)
         rounds.append({**stats, "predicted_images": predicted["images"], "added_things": relabel["added_things"]})
