@@ -3,7 +3,7 @@
 The predict stage writes the final model's predictions to ``predict/``; self-training writes each
 round's predictions on the training images to ``selftrain/round-R/predictions``. Both are label sets
 (``u2seg/io/labelset.py``), so evaluation and self-training read predictions and labels alike. Each
-batch is committed as one group (its fragment written after its PNGs).
+batch is committed as one group (its Parquet part written after its PNGs).
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ class PredictActor:
         fragment = Fragment()
         for image_id, uri, p in zip(ids, uris, preds, strict=True):
             scores = {int(s["id"]): float(s["score"]) for s in p.segments_info if "score" in s}
-            fragment.add(*self.labels.write_image(group, image_id, uri, p.panoptic, p.segments_info, scores=scores))
+            fragment.add(self.labels.write_image(group, image_id, uri, p.panoptic, p.segments_info, scores=scores))
         self.labels.commit(group, fragment)
-        return {"images": np.array([len(ids)]), "instances": np.array([len(fragment.instances)])}
+        return {"images": np.array([len(ids)]), "instances": np.array([fragment.n_instances])}
 
 
 def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str) -> dict[str, Any]:
@@ -77,8 +77,9 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str) ->
         for row in ds.iter_rows():
             n += int(row["images"])
             bar.update(int(row["images"]))
-    merged = labels.merge(f"u2seg predictions of round {round_idx}")
-    return {"round": round_idx, "images": n, "instances": merged["instances"], "out": root.join(out)}
+    merged = labels.finish(f"u2seg predictions of round {round_idx}", cfg.label.coco_max_images)
+    return {"round": round_idx, "images": n, "instances": merged["instances"], "coco_files": merged["coco_files"],
+            "out": root.join(out)}
 
 
 def run_predict(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from u2seg.config import U2SegConfig
     from u2seg.io import RunRoot
 
-# Config keys that select which work to do rather than describe it: never part of a stage hash.
-SELECTOR_KEYS = ("evaluate.target",)
+# Config keys that select which work to do (or which optional copies to write) rather than describe what a
+# stage makes: never part of a stage hash.
+SELECTOR_KEYS = ("evaluate.target", "label.coco_max_images")
 
 
 @dataclass(frozen=True)
