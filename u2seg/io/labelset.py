@@ -308,22 +308,26 @@ class LabelSet:
     # ------------------------------------------------------------------ COCO views
 
     def coco_parts(self, kind: str, *, keep: Callable[[Row], bool] | None = None,
-                   file_name: Callable[[Row], str] | None = None,
-                   groups: Sequence[str] | None = None) -> Callable[[], Iterator[dict[str, list]]]:
+                   file_name: Callable[[Row], str] | None = None, groups: Sequence[str] | None = None,
+                   images_only: bool = False) -> Callable[[], Iterator[dict[str, list]]]:
         """A source for ``merge_coco_parts``: a callable giving a fresh pass of one COCO part per group
         (``{"images": [...], "annotations": [...]}``, ``kind`` "panoptic" or "instances"), a part in memory
         at a time, over ``groups`` (default all). ``keep(row)`` selects images; ``file_name(row)`` renames a
-        panoptic annotation's PNG (default: ``<group>/<image_id>.png``, relative to the set's ``panoptic/``)."""
+        panoptic annotation's PNG (default: ``<group>/<image_id>.png``, relative to the set's ``panoptic/``);
+        ``images_only`` reads only the image columns and gives no annotation (the merge's first pass)."""
         if kind not in (PANOPTIC, "instances"):
             raise ValueError(f"kind must be 'panoptic' or 'instances', got {kind!r}")
-        skip = "instances" if kind == PANOPTIC else "segments"
-        columns = [c for c in COLUMNS if c not in ("inputs", skip)]
+        skip = ("inputs", "segments", "instances") if images_only else \
+            ("inputs", "instances" if kind == PANOPTIC else "segments")
+        columns = [c for c in COLUMNS if c not in skip]
 
         def gen() -> Iterator[dict[str, list]]:
             for group in self.groups() if groups is None else groups:
                 rows = [r for r in self.read_group(group, columns) if keep is None or keep(r)]
                 images = [coco_image(r) for r in rows]
-                if kind == PANOPTIC:
+                if images_only:
+                    anns = []
+                elif kind == PANOPTIC:
                     anns = [panoptic_entry(r, file_name(r) if file_name else None) for r in rows]
                 else:
                     anns = [a for r in rows for a in instance_entries(r)]
@@ -400,9 +404,15 @@ def write_coco(labels: LabelSet, dest: RunRoot, prefix: str, description: str, *
     groups = labels.groups() if groups is None else list(groups)
 
     def source(kind: str) -> Callable[[], Iterator[dict[str, list]]]:
+        passes = 0
+
         def gen() -> Iterator[dict[str, list]]:
+            # merge_coco_parts makes two passes, images then annotations: the first reads no segment or mask
+            nonlocal passes
+            passes += 1
             keep = keep_factory() if keep_factory else None
-            yield from labels.coco_parts(kind, keep=keep, file_name=file_name, groups=groups)()
+            yield from labels.coco_parts(kind, keep=keep, file_name=file_name, groups=groups,
+                                         images_only=passes == 1)()
         return gen
 
     with dest.open_atomic(posixpath.join(prefix, PANOPTIC_JSON)) as fh:
