@@ -1,4 +1,5 @@
-"""`u2seg` command line: one subcommand per stage, plus pipeline, synth, gt-supercategory, bench and config.
+"""`u2seg` command line: one subcommand per stage, plus pipeline, synth, gt-supercategory, export, bench and
+config.
 
 Stage commands take ``--config FILE`` (or a built-in name: demo, coco, imagenet) and dotted overrides
 after it, e.g. ``u2seg extract --config demo extract.tau=0.2 run.run_root=s3://bucket/run``.
@@ -82,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", default=None, help="YAML file or built-in name, for run.storage.*")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.storage.endpoint_url=http://...")
 
+    p = sub.add_parser("export", help="write a label set in another format")
+    formats = p.add_subparsers(dest="format", required=True)
+    p = formats.add_parser("coco", help="one label set (or a subset) as single COCO instances.json and "
+                           "panoptic.json files (and optionally its panoptic PNGs in one folder), streamed")
+    p.add_argument("--set", dest="label_set", default="labels",
+                   help="labels (default), predict, selftrain/round-R/labels or selftrain/round-R/predictions")
+    p.add_argument("--out", required=True, help="output folder or s3:// prefix")
+    p.add_argument("--images", default=None, metavar="LIST_FILE",
+                   help="only these images: a file (local or s3://) of URIs or u2seg image ids, one a line")
+    p.add_argument("--limit", type=int, default=None, help="at most N images (the first, in group order)")
+    p.add_argument("--copy-pngs", action="store_true", help="copy the panoptic PNGs to OUT/panoptic/<image_id>.png "
+                   "(the COCO layout: panoptic.json + panoptic/); else the JSON names the set's own PNGs")
+    p.add_argument("--config", "-c", default=None, help="YAML file or built-in name (run.run_root, run.storage.*)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.run_root=s3://bucket/run")
+
     p = sub.add_parser("bench", help="benchmarks; each writes JSON and prints a table")
     p.add_argument("what", choices=["maskcut", "extract", "cluster", "train", "manifest", "refine", "stuff", "scale"])
     p.add_argument("--out", default="bench-results", help="folder or s3:// prefix for the JSON")
@@ -127,6 +143,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if cmd == "gt-supercategory":
         return _gt_supercategory(args)
+    if cmd == "export":
+        return _export(args)
     if cmd == "bench":
         setup_logging()
         from u2seg.bench.cli import run_bench
@@ -170,6 +188,20 @@ def _gt_supercategory(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         raise InputsError(f"gt-supercategory: an input is missing: {exc}") from exc
     print(json.dumps({"panoptic_json": args.out_json, "png_dir": out_dir, **stats}, indent=2))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    """`u2seg export coco`: a label set of the configured run root as single COCO files (local or s3://)."""
+    from u2seg.pipeline.export import export_coco, read_image_list
+    from u2seg.pipeline.run_stage import open_root
+
+    cfg = _load(args)
+    storage, retry_s = cfg.run.storage.storage_options(), cfg.run.storage.retry_s
+    images = read_image_list(args.images, storage, retry_s) if args.images else None
+    stats = export_coco(open_root(cfg), args.label_set, args.out, storage, retry_s=retry_s, images=images,
+                        limit=args.limit, copy_pngs=args.copy_pngs)
+    print(json.dumps(stats, indent=2))
     return 0
 
 

@@ -255,6 +255,11 @@ class LabelConfig:
                                             "U2Seg: 0.7); null = off", lambda v: 0 <= v <= 1,
                                             "null or a fraction in [0, 1]")
     write_semantic: bool = knob(True, "also write labels/semantic/*.png (category id per pixel)")
+    coco_max_images: int = knob(
+        50_000, "label sets of at most this many images also get merged single-file COCO panoptic.json / "
+        "instances.json (label, predict, self-training; larger ones only their Parquet parts: `u2seg export coco` "
+        "writes the files for any set or subset). It changes no label, so it is in no stage hash: a finished "
+        "stage is not rerun for it (`u2seg label --force` re-merges without relabelling)", _non_negative, ">= 0")
 
 
 @dataclass

@@ -3,8 +3,8 @@
 Why a module and not notebook code: the notebook stays a short list of calls that can be executed
 headless in tests, and every reader here is bounded (a few sampled images, a few Parquet parts, one
 JSON file at a time) so opening a run of millions of images costs the same as opening a tiny one.
-Images are sampled from the extract ledger (one Parquet part) rather than ``labels/panoptic.json``,
-whose size grows with the run.
+Images are sampled from the extract ledger (one Parquet part) and their labels read from their group's
+PNGs, never from a whole label set.
 
 Plots are drawn on bare ``matplotlib.figure.Figure`` objects (no pyplot, so no backend or inline
 magic is involved) and returned as :class:`Png`; tables are :class:`Table` (HTML, Markdown and plain

@@ -45,7 +45,7 @@ def test_pipeline_runs_every_stage_and_reruns_as_noops(ray_cluster, tmp_path, ca
     for rel in ("labels/panoptic.json", "labels/instances.json", "train/round-0/model.pt", "train/round-1/model.pt",
                 "selftrain/round-1/predictions/panoptic.json", "selftrain/round-1/labels/panoptic.json",
                 "predict/panoptic.json", "eval/labels/metrics.json", "eval/model/report.html",
-                "eval/model/metrics.json"):
+                "eval/model/metrics.json", "labels/parts", "selftrain/round-1/labels/parts", "predict/parts"):
         assert root.exists(rel), rel
     train = root.read_json("train", "stats.json")
     assert [r["round"] for r in train["rounds"]] == [0, 1]

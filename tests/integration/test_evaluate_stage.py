@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
 import uuid
 from pathlib import Path
 
@@ -24,13 +23,8 @@ from u2seg.cli import main
 from u2seg.config import ConfigError, load_config
 from u2seg.data.synthetic import make_synthetic
 from u2seg.io import RunRoot
-from u2seg.labels.coco import (
-    coco_image_id,
-    decode_panoptic_png,
-    instance_annotations,
-    panoptic_png_bytes,
-    pseudo_categories,
-)
+from u2seg.io.labelset import Fragment, LabelSet
+from u2seg.labels.coco import decode_panoptic_png, instance_annotations, panoptic_png_bytes
 from u2seg.pipeline.evaluate import run_evaluate_labels, run_evaluate_model
 from u2seg.pipeline.markers import mark_done
 from u2seg.pipeline.stages import stage
@@ -51,7 +45,7 @@ SPARE_STUFF = sorted(set(range(K_THINGS + 1, K_THINGS + K_STUFF + 1)) - set(STUF
 def write_prediction(root: RunRoot, world: str, storage_options: dict | None = None, *,
                      prefix: str = "labels", noise: bool = False, split_stuff: int = 0,
                      drop_first: bool = False, extra: bool = False) -> None:
-    """The world's ground truth in the labels format, with pseudo category ids PERM[gt id].
+    """The world's ground truth as a label set (two parts), with pseudo category ids PERM[gt id].
 
     noise: on every other image the first thing becomes a wrong pseudo class and the first stuff
     segment becomes void. split_stuff: on odd images gt stuff class ``split_stuff`` uses a spare pseudo id.
@@ -62,11 +56,14 @@ def write_prediction(root: RunRoot, world: str, storage_options: dict | None = N
     inst = json.loads(fs.cat_file(f"{base}/gt/instances.json"))
     anns = {a["image_id"]: a for a in gt["annotations"]}
     wrong = {c: THING_PERM[c % 6 + 1] for c in THING_PERM}  # a different (mapped) thing class
-    images, pan, ins = [], [], []
+    labels = LabelSet(root, prefix, K_THINGS, K_STUFF)
+    labels.clear()
+    fragments: dict[str, Fragment] = {}
+    n_instances = 0
     for k, im in enumerate(gt["images"]):
         if drop_first and k == 0:
             continue
-        hex_id, cid = im["u2seg_image_id"], coco_image_id(im["u2seg_image_id"])
+        hex_id = im["u2seg_image_id"]
         ids = decode_panoptic_png(fs.cat_file(f"{base}/gt/panoptic/{anns[im['id']]['file_name']}"))
         segs = [dict(s) for s in anns[im["id"]]["segments_info"]]
         noisy = noise and k % 2 == 1
@@ -84,27 +81,23 @@ def write_prediction(root: RunRoot, world: str, storage_options: dict | None = N
                 cat = SPARE_STUFF
             out_segs.append({"id": s["id"] + 100, "category_id": cat, "iscrowd": 0})
         ids = np.where(ids > 0, ids + 100, 0)
-        png = f"{hex_id}.png"
-        root.write_bytes(f"{prefix}/panoptic/{png}", panoptic_png_bytes(ids))
-        images.append({"id": cid, "file_name": posixpath.basename(im["uri"]), "width": im["width"],
-                       "height": im["height"], "u2seg_image_id": hex_id, "uri": im["uri"]})
-        pan.append({"image_id": cid, "file_name": png, "segments_info": out_segs})
-        first = True
+        instances, first = [], True
         for a in inst["annotations"]:
             if a["image_id"] != im["id"]:
                 continue
             cat = wrong[a["category_id"]] if noisy and first else PERM[a["category_id"]]
             first = False
-            ins.append({"id": len(ins) + 1, "image_id": cid, "category_id": cat,
-                        "segmentation": a["segmentation"], "bbox": a["bbox"], "area": a["area"],
-                        "iscrowd": 0, "score": 0.9 - 0.01 * len(ins)})
+            instances.append({"category_id": cat, "segmentation": a["segmentation"], "bbox": a["bbox"],
+                              "area": a["area"], "score": 0.9 - 0.01 * n_instances})
+            n_instances += 1
+        group = f"g{k % 2}"  # two parts
+        fragments.setdefault(group, Fragment()).add(
+            labels.write_image(group, hex_id, im["uri"], ids, out_segs, instances=instances))
     if extra:
-        images.append({"id": 7, "file_name": "not_in_gt.jpg", "width": 8, "height": 8,
-                       "u2seg_image_id": "0" * 16, "uri": "/nonexistent/not_in_gt.jpg"})
-        pan.append({"image_id": 7, "file_name": "0000000000000000.png", "segments_info": []})
-    cats = pseudo_categories(K_THINGS, K_STUFF)
-    root.write_json(f"{prefix}/panoptic.json", {"images": images, "annotations": pan, "categories": cats})
-    root.write_json(f"{prefix}/instances.json", {"images": images, "annotations": ins, "categories": cats})
+        fragments.setdefault("g0", Fragment()).add(labels.write_image(
+            "g0", "0" * 16, "/nonexistent/not_in_gt.jpg", np.zeros((8, 8), np.int32), []))
+    for group, fragment in fragments.items():
+        labels.commit(group, fragment)
 
 
 def mark_upstream(root: RunRoot, cfg, *names: str) -> None:
@@ -351,14 +344,9 @@ def write_hand_case(tmp_path, root: RunRoot) -> list[str]:
     pred_ids[box], pred_ids[grass], pred_ids[sky & left], pred_ids[sky & ~left] = 1, 2, 3, 4
     pred_segs = [{"id": 1, "category_id": 1, "iscrowd": 0}, {"id": 2, "category_id": 2, "iscrowd": 0},
                  {"id": 3, "category_id": 3, "iscrowd": 0}, {"id": 4, "category_id": 4, "iscrowd": 0}]
-    image = {"id": 77, "file_name": "a.png", "width": 10, "height": 10, "u2seg_image_id": "a" * 16,
-             "uri": str(tmp_path / "img" / "a.png")}
-    cats = pseudo_categories(1, 3)
-    root.write_bytes("labels/panoptic/g/a.png", panoptic_png_bytes(pred_ids))
-    root.write_json("labels/panoptic.json", {"images": [image], "categories": cats, "annotations": [
-        {"image_id": 77, "file_name": "g/a.png", "segments_info": pred_segs}]})
-    root.write_json("labels/instances.json", {"images": [image], "categories": cats,
-                                              "annotations": instance_annotations(77, [box], [0], [0.9], 1)})
+    labels = LabelSet(root, "labels", 1, 3)
+    labels.commit("g", Fragment([labels.write_image("g", "a" * 16, str(tmp_path / "img" / "a.png"), pred_ids,
+                                                    pred_segs, scores={1: 0.9})]))
     return [f"evaluate.gt_panoptic_json={gt_dir}/panoptic.json", f"evaluate.gt_panoptic_dir={gt_dir}/panoptic",
             f"evaluate.gt_instances_json={gt_dir}/instances.json", "evaluate.report_images=1"]
 

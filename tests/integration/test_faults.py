@@ -375,8 +375,10 @@ def _text(path: str) -> str:
 
 
 def _segments(root: RunRoot) -> dict[str, list]:
-    pan = root.read_json("labels/panoptic.json")
-    return {a["file_name"]: a["segments_info"] for a in pan["annotations"]}
+    from u2seg.io.labelset import LabelSet, panoptic_entry
+
+    return {panoptic_entry(r)["file_name"]: r["segments"]
+            for r in LabelSet(root, "labels").iter_rows(["coco_id", "png", "segments"])}
 
 
 def _rles(root: RunRoot) -> dict[tuple[str, int], str]:

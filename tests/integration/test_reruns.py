@@ -18,6 +18,7 @@ from helpers import check_run_root_consistent, tiny_config
 from u2seg.cli import main
 from u2seg.errors import UpstreamError
 from u2seg.io import RunRoot
+from u2seg.io.labelset import LabelSet
 from u2seg.pipeline.lease import RunLease
 from u2seg.pipeline.run_pipeline import run_pipeline
 
@@ -115,10 +116,9 @@ def test_nightly_rerun_over_a_changed_folder(ray_cluster, tmp_path, pool):
     assert kept and all(after[k] == v for k, v in kept.items())   # old images keep their pseudo classes
     uris = _uri_of(root)
     assert not [u for u in uris.values() if u.endswith(removed)]
-    labelled = root.read_json("labels/panoptic.json")
-    assert len(labelled["images"]) == len([r for r in root.read_parquet("extract/images").to_pylist()
-                                           if r["status"] == "ok"])
-    assert not [im for im in labelled["images"] if im["file_name"] == removed]
+    labelled = list(LabelSet(root, "labels").iter_rows(["file_name"]))
+    assert len(labelled) == len([r for r in root.read_parquet("extract/images").to_pylist() if r["status"] == "ok"])
+    assert not [im for im in labelled if im["file_name"] == removed]
     check_run_root_consistent(root)
 
     # case 2: delete one and add another, with --force: exactly the new one is extracted, the deleted one leaves

@@ -11,6 +11,7 @@ import pytest
 from helpers import check_run_root_consistent, tiny_config
 
 from u2seg.io import RunRoot
+from u2seg.io.labelset import LabelSet
 from u2seg.pipeline.run_pipeline import run_pipeline
 
 pytestmark = pytest.mark.integration
@@ -43,7 +44,9 @@ def test_stego_head_trained_applied_and_kept(ray_cluster, tmp_path):
     assert ledger and all(len(r["stuff_classes"]) == r["grid_h"] * r["grid_w"] == 64 for r in ledger)
     assert all(max(r["stuff_classes"]) < 4 for r in ledger) and not root.exists("cluster/stuff.npy")
     assert root.read_parquet("extract/patches").num_rows == 0  # no k-means sample with STEGO
-    pan = root.read_json("labels/panoptic.json")
+    pan = LabelSet(root, "labels").panoptic_dict()
+    merged = root.read_json("labels/panoptic.json")  # a small set also gets the merged file, equal to the parts
+    assert {k: merged[k] for k in ("images", "annotations", "categories")} == pan
     k_things = 4
     assert len(pan["categories"]) == k_things + 4
     stuff_ids = {s["category_id"] for a in pan["annotations"] for s in a["segments_info"]

@@ -69,7 +69,7 @@ _ROUND = re.compile(r"^round-(\d+)$")
 
 
 def part(folder: str, name: str) -> str:
-    """``folder/name``: one committed part (Parquet file, PNG, JSON fragment) of a run-root folder."""
+    """``folder/name``: one committed part (Parquet file, PNG) of a run-root folder."""
     return posixpath.join(folder, name)
 
 
@@ -125,7 +125,7 @@ def group_name(image_ids: Iterable[str]) -> str:
 
 
 def group_stem(name: str) -> str:
-    """``part-abc.parquet`` -> ``part-abc`` (label fragments and PNG folders are named after the group)."""
+    """``part-abc.parquet`` -> ``part-abc`` (label parts and PNG folders are named after the group)."""
     return name[: -len(".parquet")] if name.endswith(".parquet") else name
 
 

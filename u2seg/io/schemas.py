@@ -68,6 +68,45 @@ ASSIGNMENTS_SCHEMA = pa.schema([
 ])
 
 
+# A label set's committed unit: one part per group of images (``<set>/parts/<group>.parquet``), written after the
+# group's PNGs. One row per image: its COCO image entry, its panoptic segments and its instance annotations.
+# Each part's footer (``LABELS_META_*``) names the class counts and the inputs digest, so a reader learns
+# them without reading a row (an empty group has no row to carry them).
+SEGMENT_TYPE = pa.struct([
+    ("id", pa.int32()),                        # the segment's id in the panoptic PNG (R + 256 G + 256^2 B)
+    ("category_id", pa.int32()),
+    ("area", pa.int64()),
+    ("bbox", pa.list_(pa.int32(), 4)),         # x, y, w, h in pixels
+    ("iscrowd", pa.int8()),
+    ("score", pa.float64()),                   # predictions: the thing's score; null for pseudo-labels / stuff
+])
+
+INSTANCE_TYPE = pa.struct([
+    ("category_id", pa.int32()),
+    ("segmentation", RLE_TYPE),                # COCO RLE (compressed counts) at image resolution
+    ("area", pa.int64()),
+    ("bbox", pa.list_(pa.float64(), 4)),       # x, y, w, h as pycocotools computes them
+    ("score", pa.float64()),                   # null when unscored
+])
+
+LABELS_SCHEMA = pa.schema([
+    ("image_id", pa.string()),                 # u2seg image id (hash of the URI)
+    ("coco_id", pa.int64()),                   # the COCO integer id (u2seg.labels.coco.coco_image_id)
+    ("uri", pa.string()),
+    ("file_name", pa.string()),                # the source file's name (the COCO image file_name)
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("png", pa.string()),                      # its panoptic PNG, relative to the set: panoptic/<group>/<id>.png
+    ("segments", pa.list_(SEGMENT_TYPE)),      # COCO panoptic segments_info
+    ("instances", pa.list_(INSTANCE_TYPE)),    # COCO instance annotations (ids and image ids are assigned on export)
+    ("inputs", pa.string()),                   # digest of what the group was made from (e.g. the centroids)
+])
+LABELS_META_K_THINGS = b"u2seg.k_things"
+LABELS_META_K_STUFF = b"u2seg.k_stuff"
+LABELS_META_INPUTS = b"u2seg.inputs"
+LABELS_META_INSTANCES = b"u2seg.instances"   # instance annotations in the part (counts without reading rows)
+
+
 def error_row(image_id: str, uri: str, stage: str, exc: BaseException) -> dict[str, str]:
     """One errors-table row; the class name is the machine-readable reason."""
     reason = getattr(exc, "reason", None)

@@ -1,7 +1,8 @@
 """Assemble one big COCO JSON from per-part fragments, streaming.
 
-Label workers each write a small JSON part ({"images": [...], "annotations": [...]}); the final
-instances.json / panoptic.json may hold millions of annotations, so it is written element by
+Each part is a small COCO piece ({"images": [...], "annotations": [...]}: a label set gives one per
+Parquet part, ``u2seg.io.labelset.LabelSet.coco_parts``); the final instances.json / panoptic.json may
+hold millions of annotations, so it is written element by
 element: one part in memory at a time, two passes (images, then annotations). Only image ids are
 remembered (to reject duplicates and dangling annotations), never the annotations themselves.
 """

@@ -307,6 +307,70 @@ def validate_panoptic(
     return problems
 
 
+_CATEGORY_KEYS = ("id", "name", "supercategory", "isthing", "color")
+_IMAGE_KEYS = ("id", "file_name", "width", "height")
+
+
+def coco_panoptic_problems(panoptic: Mapping[str, Any]) -> list[str]:
+    """Every way a COCO panoptic JSON (as a dict) breaks the format's file-level rules; empty when valid.
+
+    Per-image rules (the PNG against its segments) are :func:`validate_panoptic`'s. Checks: ``images``,
+    ``annotations`` and ``categories`` lists; categories with id, name, supercategory, isthing (0/1) and an
+    RGB color, unique ids; images with id, file_name, width, height, unique ids; exactly one annotation per
+    image, each naming a known image, a unique ``.png`` file_name and a segments_info list whose
+    category ids are known.
+    """
+    problems: list[str] = []
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(panoptic.get(key), list):
+            problems.append(f"'{key}' must be a list")
+    if problems:
+        return problems
+    cats: set[int] = set()
+    for c in panoptic["categories"]:
+        missing = [k for k in _CATEGORY_KEYS if k not in c]
+        if missing:
+            problems.append(f"category {c.get('id')!r}: missing keys {missing}")
+        if c.get("isthing", 0) not in (0, 1):
+            problems.append(f"category {c.get('id')!r}: isthing {c.get('isthing')!r} not 0 or 1")
+        if "color" in c and (len(c["color"]) != 3 or not all(0 <= int(v) <= 255 for v in c["color"])):
+            problems.append(f"category {c.get('id')!r}: color {c['color']!r} is not RGB")
+        if c.get("id") in cats:
+            problems.append(f"category id {c.get('id')!r}: listed more than once")
+        cats.add(c.get("id"))
+    images: set[Any] = set()
+    for im in panoptic["images"]:
+        missing = [k for k in _IMAGE_KEYS if k not in im]
+        if missing:
+            problems.append(f"image {im.get('id')!r}: missing keys {missing}")
+        if im.get("id") in images:
+            problems.append(f"image id {im.get('id')!r}: listed more than once")
+        images.add(im.get("id"))
+    annotated: set[Any] = set()
+    names: set[str] = set()
+    for a in panoptic["annotations"]:
+        iid, name = a.get("image_id"), a.get("file_name")
+        if iid not in images:
+            problems.append(f"annotation of unknown image id {iid!r}")
+        if iid in annotated:
+            problems.append(f"image id {iid!r}: more than one annotation")
+        annotated.add(iid)
+        if not isinstance(name, str) or not name.endswith(".png"):
+            problems.append(f"annotation of image {iid!r}: file_name {name!r} is not a .png")
+        elif name in names:
+            problems.append(f"annotation of image {iid!r}: file_name {name!r} used twice")
+        names.add(name)
+        if not isinstance(a.get("segments_info"), list):
+            problems.append(f"annotation of image {iid!r}: segments_info must be a list")
+            continue
+        unknown = sorted({s.get("category_id") for s in a["segments_info"]} - cats, key=str)
+        if unknown:
+            problems.append(f"annotation of image {iid!r}: unknown category ids {unknown}")
+    for iid in sorted(images - annotated, key=str)[:10]:
+        problems.append(f"image id {iid!r}: no annotation")
+    return problems
+
+
 def semantic_from_panoptic(seg_ids: np.ndarray, segments_info: Sequence[Mapping[str, Any]]) -> np.ndarray:
     """Category id per pixel (0 = void) of a panoptic segment map and its segments."""
     lut = np.zeros(int(seg_ids.max()) + 1 if seg_ids.size else 1, np.int32)

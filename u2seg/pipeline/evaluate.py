@@ -7,9 +7,11 @@ the same streamed evidence, in two passes over the images both sets share (joine
    the u2seg protocol, each image's stuff IoU votes); from it each protocol's mapping;
 2. PQ/SQ/RQ per protocol (`panoptic_quality` re-reads the PNGs image by image).
 Semantic numbers come from the pass-1 confusion, instance AP (when gt instances are configured) from
-the COCO instances files. Results go to eval/labels/ (pseudo-labels) or eval/model/ (the trained
-model's predictions): metrics.json (one block per protocol), mapping.json (each protocol's mapping and
-its evidence) and report.html (the protocols side by side), written only once all of them are computed.
+the gt COCO instances file and the label set's instance annotations. The label set is read from its
+Parquet parts (``u2seg/io/labelset.py``), never from merged COCO files, which large sets do not have.
+Results go to eval/labels/ (pseudo-labels) or eval/model/ (the trained model's predictions):
+metrics.json (one block per protocol), mapping.json (each protocol's mapping and its evidence) and
+report.html (the protocols side by side), written only once all of them are computed.
 
 Protocols:
 - ``hungarian`` (strict, one-to-one) and ``majority`` (many-to-one) map by pixel overlap, things only to
@@ -81,7 +83,7 @@ from u2seg.evaluate.u2seg_protocol import (
 )
 from u2seg.io import RunRoot, layout, split_protocol
 from u2seg.io.inputs import read_image, read_json_input
-from u2seg.io.labelset import LabelSet
+from u2seg.io.labelset import PARTS, LabelSet
 from u2seg.pipeline.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -102,21 +104,21 @@ PROTOCOL_NOTES = {
 def run_evaluate_labels(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     """The pseudo-labels (``labels/``) scored into ``eval/labels/``."""
     gt_locations(cfg.evaluate, cfg.run.storage.storage_options())  # a config error before anything else
-    return evaluate_label_set(cfg, root, _merged_set(root, layout.LABELS, "run `u2seg label` first"),
+    return evaluate_label_set(cfg, root, _label_set(root, layout.LABELS, "run `u2seg label` first"),
                               layout.EVAL_LABELS)
 
 
 def run_evaluate_model(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     """The trained model's predictions (``predict/``) scored into ``eval/model/``."""
     gt_locations(cfg.evaluate, cfg.run.storage.storage_options())
-    return evaluate_label_set(cfg, root, _merged_set(root, layout.PREDICT, "run `u2seg predict` first"),
+    return evaluate_label_set(cfg, root, _label_set(root, layout.PREDICT, "run `u2seg predict` first"),
                               layout.EVAL_MODEL)
 
 
-def _merged_set(root: RunRoot, prefix: str, hint: str) -> LabelSet:
-    labels = LabelSet(root, prefix)  # read only: categories come with its panoptic.json
-    if not labels.has_merged():
-        raise FileNotFoundError(f"{root.join(labels.rel('panoptic.json'))} is missing: {hint}")
+def _label_set(root: RunRoot, prefix: str, hint: str) -> LabelSet:
+    labels = LabelSet(root, prefix)  # read only: class counts come with its parts
+    if not labels.groups():
+        raise FileNotFoundError(f"{root.join(labels.rel(PARTS))} holds no committed label part: {hint}")
     return labels
 
 
@@ -168,7 +170,7 @@ def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: s
     retry_s = cfg.run.storage.retry_s
     gt_json_uri, gt_dir_uri = gt_locations(evaluate_cfg, storage)
     gt = read_json_input(gt_json_uri, storage, retry_s)
-    pred = labels.read_merged()
+    pred = labels.panoptic_dict()  # evaluation-sized: held whole, as the ground truth is
     predictions_uri = root.join(labels.prefix)
     join = join_by_stem(gt, pred)
     counts = join.counts()
@@ -293,19 +295,17 @@ def _stuff_vote_ignore(gt_cats: Sequence[Mapping], pred_cats: Sequence[Mapping])
 
 def _thing_votes(ev: _Evidence, labels: LabelSet, pred_things: set[int], gt_things: set[int]
                  ) -> tuple[OverlapAccumulator, str]:
-    """U2Seg's thing votes and where their gt boxes came from ("gt instances", "gt panoptic segments", "none").
+    """U2Seg's thing votes and where their gt boxes came from ("gt instances" or "gt panoptic segments").
 
     Gt boxes are the configured gt instances (U2Seg's source) when they cover the evaluated images, else
     the gt panoptic thing segments (crowd ones included, as U2Seg counts crowd boxes); the predictions
-    are the label set's scored instances (instances.json).
+    are the label set's scored instances.
     """
     inst = ev.instances
     if inst is not None and inst.gt is not None:
         gt_boxes, preds, evidence = inst.gt, inst.preds, "gt instances"
     else:
-        pred_inst = _read_instances(labels)
-        if pred_inst is None:
-            return OverlapAccumulator(), "none"
+        pred_inst = labels.instances_dict()
         to_gt = {p.pred_image["id"]: p.gt_image["id"] for p in ev.join.pairs}
         preds = [{**a, "image_id": to_gt[a["image_id"]], "score": float(a.get("score", 1.0))}
                  for a in pred_inst.get("annotations", []) if a["image_id"] in to_gt]
@@ -331,14 +331,6 @@ def _panoptic_thing_boxes(join: Join, gt_things: set[int]) -> list[dict]:
                                  "U2Seg's thing mapping votes with gt boxes; set evaluate.gt_instances_json")
             out.append({"image_id": p.gt_image["id"], "bbox": s["bbox"], "category_id": int(s["category_id"])})
     return out
-
-
-def _read_instances(labels: LabelSet) -> dict | None:
-    rel = labels.rel("instances.json")
-    if not labels.root.exists(rel):
-        log.warning("evaluate: %s is missing; instance AP and U2Seg's thing votes skipped", labels.root.join(rel))
-        return None
-    return labels.read_merged("instances.json")
 
 
 def gt_locations(evaluate_cfg: EvaluateConfig, storage_options: Mapping[str, Any]) -> tuple[str, str]:
@@ -475,9 +467,7 @@ def _instance_evidence(evaluate_cfg: EvaluateConfig, storage_options: Mapping[st
     """
     if not evaluate_cfg.gt_instances_json:
         return None
-    pred = _read_instances(labels)
-    if pred is None:
-        return _Instances(None, [], f"{labels.rel('instances.json')} is missing")
+    pred = labels.instances_dict()
     gt = read_json_input(evaluate_cfg.gt_instances_json, storage_options, retry_s)
     gt_by_stem = stem_index(gt)
     pred_to_gt = {p.pred_image["id"]: gt_by_stem[p.stem] for p in join.pairs if p.stem in gt_by_stem}

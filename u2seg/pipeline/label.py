@@ -1,8 +1,9 @@
 """The label stage: stuff maps, panoptic merge and COCO / COCO-panoptic outputs, on Ray Data.
 
 The unit of work is one extract group (the ledger, masks and assignments parts share its name). A
-worker writes each image's PNGs, then the group's fragment (its commit); the driver then streams the
-fragments into ``labels/panoptic.json`` and ``labels/instances.json`` (``u2seg/io/labelset.py``).
+worker writes each image's PNGs, then the group's Parquet part (its commit; ``u2seg/io/labelset.py``); the
+driver then streams the parts into ``labels/panoptic.json`` and ``labels/instances.json`` when the set has at
+most ``label.coco_max_images`` images.
 Stuff maps come from the pooled, projected patch-feature grid extract stored per image
 (``extract/images.stuff_grid``), so labelling needs no second backbone pass.
 """
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 
 
 def label_group(name: str, root: RunRoot, label_cfg: LabelConfig, inputs: str) -> dict[str, Any]:
-    """Label every ok image of extract group ``name`` (a ledger part); write its PNGs, then its fragment
+    """Label every ok image of extract group ``name`` (a ledger part); write its PNGs, then its part
     (recording ``inputs``, the centroids' digest). Returns counts."""
     from u2seg.labels import decode_mask, panoptic_merge
 
@@ -58,13 +59,13 @@ def label_group(name: str, root: RunRoot, label_cfg: LabelConfig, inputs: str) -
                                 min_thing_area=label_cfg.min_thing_area, thing_order=label_cfg.thing_order,
                                 stuff_overlap_drop=label_cfg.stuff_overlap_drop)
         things = [s for s in result.segments_info if s["category_id"] <= k_things]
-        fragment.add(*labels.write_image(
+        fragment.add(labels.write_image(
             group, image_id, img["uri"], result.seg_ids, result.segments_info, semantic=result.semantic,
             thing_scores=[float(ms[result.thing_sources[s["id"]]]["score"]) for s in things],
             write_semantic=label_cfg.write_semantic))
         n_segments += len(result.segments_info)
     labels.commit(group, fragment, inputs)
-    return {"images": len(fragment.images), "segments": n_segments, "instances": len(fragment.instances)}
+    return {"images": fragment.n_images, "segments": n_segments, "instances": fragment.n_instances}
 
 
 def image_stuff_map(img: dict[str, Any], stuff_centroids: np.ndarray | None, smooth: int) -> np.ndarray:
@@ -92,6 +93,9 @@ def run_label(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     k_things, k_stuff = layout.class_counts(root)
     labels = LabelSet(root, layout.LABELS, k_things, k_stuff)
     inputs = layout.classes_digest(root)
+    if labels.is_legacy():
+        log.info("label: %s holds an older u2seg's label format: relabelling every group", root.join(layout.LABELS))
+        labels.clear()
     # a group stays labelled while its extract group exists and the centroids are the ones it was made with
     current = {layout.group_stem(p): p for p in parts}
     valid = {g for g, made_from in labels.group_inputs().items() if g in current and made_from == inputs}
@@ -111,7 +115,7 @@ def run_label(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
                 totals["segments"] += int(r["segments"])
                 totals["instances"] += int(r["instances"])
                 bar.update(1)
-    merged = labels.merge("u2seg pseudo-labels")
+    merged = labels.finish("u2seg pseudo-labels", cfg.label.coco_max_images)
     return {**merged, "segments_now": totals["segments"], "groups_labelled": len(todo), "groups_removed": len(stale),
             "k_things": k_things, "k_stuff": k_stuff}
 

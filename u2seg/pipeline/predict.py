@@ -6,9 +6,9 @@ ok images. Self-training writes each round's predictions on the training images 
 ``selftrain/round-R/predictions``. Both are label sets (``u2seg/io/labelset.py``).
 
 Exactly once: each actor call predicts one group of ``predict.rows_per_part`` images, writes their PNGs,
-commits the group's label fragment, and writes the group's ledger part (``<out>/ledger/``: one row per
+commits the group's label part, and writes the group's ledger part (``<out>/ledger/``: one row per
 image, ok or error) last. An image is done iff it is in the ledger; a rerun or a resumed kill predicts
-exactly the images not in it (filtered in Arrow, no per-image state on the driver), and fragments of
+exactly the images not in it (filtered in Arrow, no per-image state on the driver), and label parts of
 groups whose ledger part was never written are removed first. A failing model call is split down to
 single images (``batch_retry``): only an image failing alone with its own error is an error row.
 """
@@ -84,8 +84,8 @@ class PredictActor:
                 rows[image_id] = _error_row(image_id, uri_of[image_id], p.error_class, f"model failure: {p.error}")
                 continue
             scores = {int(s["id"]): float(s["score"]) for s in p.segments_info if "score" in s}
-            fragment.add(*self.labels.write_image(group, image_id, uri_of[image_id], p.panoptic, p.segments_info,
-                                                  scores=scores))
+            fragment.add(self.labels.write_image(group, image_id, uri_of[image_id], p.panoptic, p.segments_info,
+                                                 scores=scores))
             rows[image_id] = {"image_id": image_id, "uri": uri_of[image_id], "status": "ok", "group": group,
                               "error_class": "", "message": ""}
         self.labels.commit(group, fragment)
@@ -93,7 +93,7 @@ class PredictActor:
         self.root.write_parquet(layout.part(f"{self.out}/ledger", f"{group}.parquet"), ledger)  # last: the commit
         n_errors = sum(r["status"] == "error" for r in rows.values())
         return {"images": np.array([len(ids)]), "errors": np.array([n_errors]),
-                "instances": np.array([len(fragment.instances)])}
+                "instances": np.array([fragment.n_instances])}
 
 
 def _error_row(image_id: str, uri: str, error_class: str, message: str) -> dict[str, str]:
@@ -163,14 +163,15 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, in
                     sums[k] += int(row[k])
                 bar.update(int(row["images"]), errors={"model or decode": int(row["errors"])}
                            if int(row["errors"]) else None)
-    counts = labels.merge(f"u2seg predictions of round {round_idx}")
+    counts = labels.finish(f"u2seg predictions of round {round_idx}", cfg.label.coco_max_images)
     errors = root.read_parquet(f"{out}/ledger", columns=["status"], schema=PREDICT_LEDGER_SCHEMA)
     n_errors = int(pc.sum(pc.equal(errors.column("status"), "error")).as_py() or 0) if errors.num_rows else 0
     if errors.num_rows and n_errors / errors.num_rows > cfg.run.max_error_fraction:
         raise RuntimeError(f"predict: {n_errors}/{errors.num_rows} images failed, above run.max_error_fraction="
                            f"{cfg.run.max_error_fraction}; see {root.join(out, 'ledger')}")
     return {"round": round_idx, "images": counts["images"], "predicted_now": sums["images"], "errors": n_errors,
-            "instances": counts["instances"], "orphans_removed": orphans, "out": root.join(out)}
+            "instances": counts["instances"], "coco_files": counts["coco_files"], "orphans_removed": orphans,
+            "out": root.join(out)}
 
 
 def run_predict(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:

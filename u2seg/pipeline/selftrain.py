@@ -30,22 +30,21 @@ def build_round_labels(cfg: U2SegConfig, root: RunRoot, r: int) -> dict[str, Any
     predicted = {im.image_id: im for im in pred.iter_images()}
     out.clear()
     added_total = 0
-    for group, fragment in prev.iter_fragments():
-        anns = {a["image_id"]: a for a in fragment["panoptic"]}
+    for group in prev.groups():
         merged = Fragment()
-        for img in fragment["images"]:
-            image_id, ann = img["u2seg_image_id"], anns[img["id"]]
-            old_seg = prev.read_panoptic(prev.rel("panoptic", ann["file_name"]))
+        for row in prev.read_group(group, ["image_id", "uri", "png", "segments"]):
+            image_id = row["image_id"]
+            old_seg = prev.read_panoptic(prev.rel(row["png"]))
             p = predicted.get(image_id)
             new_seg = pred.read_panoptic(p.png) if p else np.zeros_like(old_seg)
             result, added = merge_predictions(
-                old_seg, ann["segments_info"], new_seg, p.segments if p else [], k_things=k_things,
+                old_seg, row["segments"], new_seg, p.segments if p else [], k_things=k_things,
                 k_stuff=k_stuff, score_threshold=cfg.train.score_threshold, dedup_iou=cfg.train.dedup_iou,
                 min_stuff_area=cfg.label.min_stuff_area, min_thing_area=cfg.label.min_thing_area)
             added_total += added
-            merged.add(*out.write_image(group, image_id, img["uri"], result.seg_ids, result.segments_info,
-                                        semantic=result.semantic))
+            merged.add(out.write_image(group, image_id, row["uri"], result.seg_ids, result.segments_info,
+                                       semantic=result.semantic))
         out.commit(group, merged)
-    counts = out.merge(f"u2seg self-training labels, round {r}")
+    counts = out.finish(f"u2seg self-training labels, round {r}", cfg.label.coco_max_images)
     log.info("selftrain round %d: %d predicted things added to the labels", r, added_total)
     return {"round": r, "added_things": added_total, **counts}

@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from u2seg.config import U2SegConfig
     from u2seg.io import RunRoot
 
-# Config keys that do not describe the work (which work to run, where training scalars also go): never part of
-# a stage hash.
-SELECTOR_KEYS = ("evaluate.target", "train.mlflow_uri")
+# Config keys that do not describe what a stage makes (which work to run, where training scalars also go,
+# which optional copies to write): never part of a stage hash.
+SELECTOR_KEYS = ("evaluate.target", "train.mlflow_uri", "label.coco_max_images")
 
 
 @dataclass(frozen=True)

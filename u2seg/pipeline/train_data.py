@@ -17,11 +17,13 @@ from u2seg.io.labelset import LabelSet
 
 
 def label_set_rows(labels: LabelSet, *, skip_without_things: bool = False) -> list[dict[str, Any]]:
-    """One small row per labelled image (the fragments are read one at a time); with ``skip_without_things``
-    images whose label holds no thing segment are left out (U2Seg drops them from training)."""
-    rows = [{"uri": im.uri, "image_id": im.image_id, "png": im.png, "segments": json.dumps(im.segments)}
-            for im in labels.iter_images()
-            if not skip_without_things or any(s["category_id"] <= labels.k_things for s in im.segments)]
+    """One small row per labelled image (the parts are read one at a time, projected); with
+    ``skip_without_things`` images whose label holds no thing segment are left out (U2Seg drops them from
+    training)."""
+    rows = [{"uri": r["uri"], "image_id": r["image_id"], "png": labels.rel(r["png"]),
+             "segments": json.dumps(r["segments"])}
+            for r in labels.iter_rows(["uri", "image_id", "png", "segments"])
+            if not skip_without_things or any(s["category_id"] <= labels.k_things for s in r["segments"])]
     if not rows:
         raise FileNotFoundError(f"no labelled images to train on under {labels.root.join(labels.prefix)}"
                                 + (" (none has a thing; train.images_without_things=train keeps them)"
