@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -262,38 +263,83 @@ class LabelConfig:
         "stage is not rerun for it (`u2seg label --force` re-merges without relabelling)", _non_negative, ">= 0")
 
 
+def _ascending_steps(v: Any) -> bool:
+    return all(s > 0 for s in v) and all(a < b for a, b in itertools.pairwise(v))
+
+
 @dataclass
 class TrainConfig:
-    """Self-training of the universal segmentation model on Ray Train."""
+    """Self-training of the universal segmentation model on Ray Train.
 
-    backbone: str = knob("vit_small_patch8_224.dino", "timm backbone of the model")
-    weights: str = knob("none", "backbone weights, as extract.weights")
+    The recipe knobs (optimizer, schedule, clipping, heads, AMP) default to u2seg's small-run recipe (AdamW
+    at a constant lr); ``u2seg/configs/coco.yaml`` sets U2Seg's (u2seg_R50_800.yaml with Detectron2's
+    defaults, ``u2seg.model.optim.U2SEG_SOLVER``).
+    """
+
+    backbone: str = knob("vit_small_patch8_224.dino", "timm backbone of the model: a ViT (simple feature "
+                         "pyramid) or a CNN such as resnet50 (FPN; U2Seg's is DINO's ResNet-50)")
+    weights: str = knob("none", "backbone weights, as extract.weights; a CNN takes a torchvision-layout "
+                        "checkpoint (e.g. DINO's dino_resnet50_pretrain.pth), a local path or s3:// URI")
     image_size: int = knob(512, "training image side (longest side after resize)", lambda v: 64 <= v <= 2048,
                            "an integer in [64, 2048]")
-    num_workers: int = knob(1, "Ray Train workers (DDP ranks)", _positive, "a positive integer")
+    num_workers: int = knob(1, "Ray Train workers (DDP ranks); the global batch is num_workers x batch_size",
+                            _positive, "a positive integer")
     use_gpu: Literal["auto", "yes", "no"] = knob("auto", "train on GPUs (auto = when the cluster has them)")
     batch_size: int = knob(2, "images per worker per step", _positive, "a positive integer")
     steps: int = knob(1000, "optimizer steps per round", _positive, "a positive integer")
-    lr: float = knob(1e-4, "AdamW learning rate", _positive, "> 0")
-    weight_decay: float = knob(0.05, "AdamW weight decay", _non_negative, ">= 0")
+    optimizer: Literal["sgd", "adamw"] = knob(
+        "adamw", "sgd (momentum, U2Seg's / Detectron2's) or adamw; either over Detectron2's parameter groups: "
+        "normalisation layers get no weight decay")
+    lr: float = knob(1e-4, "base learning rate, before warmup and decay (U2Seg: 0.01 with sgd)", _positive, "> 0")
+    momentum: float = knob(0.9, "SGD momentum (U2Seg: 0.9); adamw ignores it", lambda v: 0 <= v < 1,
+                           "a number in [0, 1)")
+    weight_decay: float = knob(0.05, "weight decay of all but normalisation layers (U2Seg: 5e-5)", _non_negative,
+                               ">= 0")
+    warmup_steps: int = knob(0, "linear warmup from warmup_factor x lr at step 0 to lr at this step "
+                             "(U2Seg: 1000); 0 = none", _non_negative, ">= 0")
+    warmup_factor: float = knob(0.001, "the warmup's starting fraction of lr (U2Seg: 1/1000)", _fraction,
+                                "a fraction in [0, 1]")
+    lr_steps: list[int] = knob([], "steps from which the lr is multiplied by lr_gamma once more (U2Seg: "  # noqa: RUF009
+                               "[210000, 250000] of 270000); ascending, each below train.steps; [] = no decay",
+                               _ascending_steps, "a strictly ascending list of positive integers")
+    lr_gamma: float = knob(0.1, "lr factor at each of lr_steps (U2Seg: 0.02)", _positive, "> 0")
+    clip: Literal["global", "per_param"] = knob(
+        "global", "gradient clipping to clip_norm: global = the norm of all gradients together; per_param = each "
+        "parameter tensor on its own (Detectron2's CLIP_GRADIENTS, U2Seg's)")
+    clip_norm: float = knob(1.0, "max L2 norm of the clipped gradients (U2Seg: 1.0)", _positive, "> 0")
+    amp: Literal["bf16", "fp16", "none"] = knob(
+        "bf16", "mixed precision on GPU (CPU trains in fp32): bf16 autocast; fp16 autocast with a grad scaler "
+        "(Detectron2's AMP); none")
+    roi_heads: Literal["standard", "cascade"] = knob(
+        "standard", "box heads: standard = one Fast R-CNN head (Mask R-CNN); cascade = Cascade R-CNN's three "
+        "stages at IoU 0.5/0.6/0.7 (U2Seg's, CutLER's)")
+    semantic_loss_weight: float = knob(0.5, "weight of the semantic head's loss (Panoptic FPN's, U2Seg's: 0.5)",
+                                       _non_negative, ">= 0")
     checkpoint_every: int = knob(100, "steps between checkpoints", _positive, "a positive integer")
     max_failures: int = knob(2, "worker failures tolerated (resume from last checkpoint)", _non_negative,
                              ">= 0")
-    drop_loss_iou: float = knob(0.01, "DropLoss: no loss for regions whose best IoU with a pseudo mask is "
-                                "below this", _fraction, "a fraction in [0, 1]")
+    drop_loss_iou: float = knob(0.01, "CutLER's DropLoss: no classification loss for proposals whose best IoU "
+                                "with a pseudo box is at most this; 0 = off (U2Seg trains without it)",
+                                lambda v: 0 <= v < 0.5, "a number in [0, 0.5)")
     copy_paste: bool = knob(True, "copy-paste augmentation of pseudo instances")
     images_without_things: Literal["skip", "train"] = knob(
         "skip", "labelled images with no thing segment: skip = left out of training, as U2Seg drops them (they stay "
         "in the labels); train = kept (they still teach the semantic head)")
     rounds: int = knob(1, "self-training rounds after the first training", _non_negative, ">= 0")
-    score_threshold: float = knob(0.7, "self-training keeps predictions scoring above this", _fraction,
-                                  "a fraction in [0, 1]")
-    dedup_iou: float = knob(0.5, "a prediction overlapping a pseudo mask above this IoU is a duplicate",
-                            _fraction, "a fraction in [0, 1]")
+    score_threshold: float = knob(0.7, "self-training (CutLER's rule): predictions scoring at least this become "
+                                  "the next round's pseudo things (CutLER: 0.7)", _fraction, "a fraction in [0, 1]")
+    selftrain_iou: float = knob(0.5, "self-training: a previous pseudo thing is kept only while its mask IoU with "
+                                "every such prediction is below this (CutLER: 0.5)", _fraction,
+                                "a fraction in [0, 1]")
+    selftrain_stuff: Literal["labels", "model"] = knob(
+        "labels", "self-training: the stuff under the new things comes from the previous round's labels (the "
+        "pseudo stuff, unchanged) or from the model's semantic head on the image (its argmax); things and stuff "
+        "are merged with the label stage's rules (label.thing_order, label.stuff_overlap_drop, min areas)")
     mlflow_uri: str | None = knob(None, "MLflow tracking URI (http://host:5000, file:///path, databricks): rank 0 "
                                   "also logs the training scalars of every round and of the stuff head there, one "
                                   "MLflow run each (TensorBoard event files go to the run root always); needs the "
                                   "mlflow package (pip install mlflow); in no stage hash")
+
 
 
 @dataclass
@@ -528,6 +574,10 @@ def check_consistency(cfg: U2SegConfig) -> U2SegConfig:
         if patch and size % patch:
             raise ConfigError(key, size, f"a multiple of the backbone's patch size {patch} (extract.backbone="
                               f"{cfg.extract.backbone}), e.g. {max(patch, size // patch * patch)}")
+    late = [s for s in cfg.train.lr_steps if s >= cfg.train.steps]
+    if late:
+        raise ConfigError("train.lr_steps", cfg.train.lr_steps, f"steps below train.steps ({cfg.train.steps}); "
+                          f"{late} would never decay the lr")
     return cfg
 
 

@@ -1,9 +1,11 @@
 """Train stage on the 2-node Ray cluster, run root on S3: a killed worker resumes, and so does a rerun.
 
 One tiny run (6 synthetic images on S3 through manifest/extract/cluster/label) trains 6 steps with 2 DDP
-workers and a checkpoint every 2 steps. As soon as the first checkpoint is registered in S3, one Ray Train
-worker process is SIGKILLed (a crash, not a polite ``ray.kill``); the round must still end at step 6, and
-the steps it records must start after a checkpoint (resumed), not at 1 (restarted). A second
+workers and a checkpoint every 2 steps, with U2Seg's recipe in small: a ResNet-18 backbone whose weights the
+workers read from S3, SGD with a warmup and a decay step, per-parameter clipping; the lr of
+every recorded step must be the schedule's, across the kill. As soon as the first checkpoint is registered in
+S3, one Ray Train worker process is SIGKILLed (a crash, not a polite ``ray.kill``); the round must still end at
+step 6, and the steps it records must start after a checkpoint (resumed), not at 1 (restarted). A second
 ``run_train_round`` of the same round must resume at step 6 and train nothing. Then predict writes
 ``predict/`` in the label format, which must load in pycocotools and pass the panoptic rules.
 The run is a module fixture and the three checks are separate tests, each with its own timeout: on this
@@ -31,7 +33,9 @@ pytestmark = pytest.mark.integration
 STEPS, EVERY = 6, 2
 TRAIN_KNOBS = [f"train.steps={STEPS}", f"train.checkpoint_every={EVERY}", "train.num_workers=2",
                "train.batch_size=1", "train.image_size=96", "train.rounds=0", "train.max_failures=3",
-               "cluster.num_shards=1"]
+               "cluster.num_shards=1", "train.backbone=resnet18", "train.optimizer=sgd", "train.lr=0.01",
+               "train.weight_decay=0.00005", "train.warmup_steps=3", "train.warmup_factor=0.1", "train.lr_steps=[4]",
+               "train.lr_gamma=0.1", "train.clip=per_param"]  # cascade heads: unit-tested (3x the box-head cost here)
 WORKER_CLASS = "RayTrainWorker"  # Ray Train V2's per-rank actor (ray/train/v2/.../worker_group/worker.py)
 
 
@@ -62,6 +66,19 @@ def train_worker_pids() -> list[int]:
                   if WORKER_CLASS in a["ActorClassName"] and a["State"] == "ALIVE" and a["Pid"])
 
 
+def resnet18_weights() -> bytes:
+    """A torchvision ResNet-18 (seeded random weights) saved as DINO saves its ResNet-50: a torch state dict."""
+    import io
+
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    buf = io.BytesIO()
+    torch.save(torchvision.models.resnet18().state_dict(), buf)
+    return buf.getvalue()
+
+
 @dataclass
 class KilledRun:
     """A trained round-0 whose first attempt lost a worker, and what the test saw while it ran."""
@@ -90,8 +107,10 @@ def killed_run(ray_cluster, s3, synthetic_world) -> KilledRun:
     data = f"{s3.bucket}/train-world-{time.time_ns()}"
     for name in sorted(p.name for p in (synthetic_world / "images").iterdir())[:6]:
         fs.pipe_file(f"{data}/images/{name}", (synthetic_world / "images" / name).read_bytes())
+    fs.pipe_file(f"{data}/weights/resnet18.pth", resnet18_weights())
     root_uri = s3.uri(f"train-run-{time.time_ns()}")
-    cfg = tiny_config(root_uri, [f"s3://{data}/images"], s3, *TRAIN_KNOBS)
+    cfg = tiny_config(root_uri, [f"s3://{data}/images"], s3, *TRAIN_KNOBS,
+                      f"train.weights=s3://{data}/weights/resnet18.pth")
     for stage in ("manifest", "stuff", "extract", "cluster", "label"):
         run_stage(stage, cfg)
     root = RunRoot(root_uri, cfg.run.storage.storage_options())
@@ -134,6 +153,11 @@ def test_killed_worker_resumes_from_the_last_checkpoint(killed_run):
     assert resumed_from % EVERY == 0, rows
     assert all(r["start_step"] == resumed_from for r in rows if r["step"] > resumed_from), rows
     assert all(r["start_step"] < resumed_from for r in rows if r["step"] <= resumed_from), rows
+    # the schedule continued across the kill: row "step" s ran optimizer step s - 1 at lr_at(s - 1)
+    from u2seg.pipeline.train import scheduled_lr
+
+    assert [r["lr"] for r in rows] == pytest.approx([scheduled_lr(run.cfg.train, s - 1) for s in steps], rel=1e-9)
+    assert [r["lr"] for r in rows] == pytest.approx([0.001, 0.004, 0.007, 0.01, 0.001, 0.001], rel=1e-9)
     assert run.killed_pid not in train_worker_pids()
     print(f"\nTRAIN_RESULT stages_s={run.stages_s:.1f} checkpoint_seen_at_step={run.checkpoint_step} "
           f"killed_at_s={run.killed_at_s:.1f} resumed_from={resumed_from} recorded_steps={steps} "
@@ -155,6 +179,7 @@ def test_rerun_resumes_the_finished_round_and_model_loads(killed_run):
     assert extra["step"] == STEPS
     assert model.cfg.num_thing_classes == cfg.cluster.things_k
     assert model.cfg.num_stuff_classes == cfg.cluster.stuff_k
+    assert (model.cfg.backbone, model.cfg.weights) == ("resnet18", "none")
     print(f"\nTRAIN_RERUN_RESULT rerun_s={time.time() - t0:.1f} steps={again['steps']}")
 
 

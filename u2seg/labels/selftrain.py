@@ -1,5 +1,6 @@
 """CutLER's self-training rule: merge a trained model's confident predictions with the previous round's
-pseudo masks, per image (pure numpy).
+pseudo masks, per image (pure numpy); :func:`relabel_image` turns the result into the image's next
+panoptic label (the pipeline's self-training rounds, ``u2seg/pipeline/selftrain.py``).
 
 Why: after a round of training the detector finds objects the pseudo-labels missed and outlines
 known ones better; its confident predictions replace the old masks they cover, while old masks it
@@ -27,7 +28,13 @@ divides 0 by 0, and its NaN then drops the old mask), and mismatched mask sizes 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
+
+from u2seg.labels.panoptic import PanopticResult, panoptic_merge
 
 SOURCE_PRED = "pred"
 SOURCE_OLD = "old"
@@ -96,3 +103,86 @@ def selftrain_image(
     scores = np.concatenate([pred_sc[confident], np.full(int(keep_old.sum()), np.nan)]).astype(np.float32)
     sources = np.array([SOURCE_PRED] * confident.size + [SOURCE_OLD] * int(keep_old.sum()), dtype="<U4")
     return masks, classes, scores, sources
+
+
+def panoptic_things(seg_ids: np.ndarray, segments: Sequence[Mapping[str, Any]], k_things: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """A panoptic label's thing segments as (masks (N, H, W) bool, 0-based classes (N,)), in segments order."""
+    things = [s for s in segments if 1 <= int(s["category_id"]) <= k_things]
+    masks = np.stack([seg_ids == int(s["id"]) for s in things]) if things else np.zeros((0, *seg_ids.shape), bool)
+    return masks, np.array([int(s["category_id"]) - 1 for s in things], dtype=np.int64)
+
+
+def panoptic_stuff(seg_ids: np.ndarray, segments: Sequence[Mapping[str, Any]], k_things: int) -> np.ndarray:
+    """The stuff map of a panoptic label: 0-based stuff id per pixel, -1 under things and void."""
+    lut = np.full(int(seg_ids.max(initial=0)) + 1, -1, dtype=np.int32)
+    for s in segments:
+        sid, cat = int(s["id"]), int(s["category_id"])
+        if cat > k_things and sid < lut.size:
+            lut[sid] = cat - k_things - 1
+    return lut[seg_ids]
+
+
+def semantic_stuff(categories: np.ndarray, k_things: int) -> np.ndarray:
+    """The stuff map of a category-id map (a semantic PNG): 0-based stuff id, -1 for things and void (0)."""
+    categories = np.asarray(categories, dtype=np.int32)
+    return np.where(categories > k_things, categories - k_things - 1, -1).astype(np.int32)
+
+
+@dataclass
+class RelabelResult:
+    """One image's next-round label: the panoptic merge, the score of each thing segment (in segments
+    order: a prediction's score, 1.0 for a kept pseudo thing) and what happened to the old things."""
+
+    panoptic: PanopticResult
+    thing_scores: list[float]
+    pred_things: int  # confident predictions taken as pseudo things
+    old_kept: int  # previous pseudo things kept (no prediction reproduces them)
+    old_replaced: int  # previous pseudo things dropped for a prediction overlapping them
+
+
+def relabel_image(
+    old_seg: np.ndarray,
+    old_segments: Sequence[Mapping[str, Any]],
+    pred_masks: np.ndarray,
+    pred_classes: np.ndarray,
+    pred_scores: np.ndarray,
+    stuff: np.ndarray,
+    *,
+    k_things: int,
+    k_stuff: int,
+    score_threshold: float = 0.7,
+    iou_threshold: float = 0.5,
+    min_stuff_area: float = 0,
+    min_thing_area: float = 0,
+    thing_order: str = "score",
+    stuff_overlap_drop: float | None = None,
+) -> RelabelResult:
+    """Self-training's label of one image: CutLER's rule (:func:`selftrain_image`) on the previous label's
+    thing segments (``old_seg`` + ``old_segments``, a panoptic label) and the model's full predicted masks,
+    then the panoptic merge of the new things over ``stuff`` (0-based stuff ids, -1 = none: the previous
+    label's stuff or the model's semantic head) with the label stage's rules.
+
+    Paint order under ``thing_order="score"``: predictions by score, then the kept old things in their
+    previous order (they have no score); ``"bbox_area"`` ignores scores (U2Seg's order).
+    """
+    stuff = np.asarray(stuff)
+    if stuff.shape != old_seg.shape:
+        raise ValueError(f"stuff map is {stuff.shape} but the label {old_seg.shape}")
+    old_masks, old_classes = panoptic_things(old_seg, old_segments, k_things)
+    pred_masks = np.asarray(pred_masks)
+    if pred_masks.ndim != 3:
+        raise ValueError(f"pred_masks must be (N, H, W), got shape {pred_masks.shape}")
+    if pred_masks.shape[0] and pred_masks.shape[1:] != old_seg.shape:
+        raise ValueError(f"predicted masks are {pred_masks.shape[1:]} but the label {old_seg.shape}")
+    masks, classes, scores, sources = selftrain_image(old_masks, old_classes, pred_masks, pred_classes, pred_scores,
+                                                      score_threshold=score_threshold, iou_threshold=iou_threshold)
+    priority = np.where(np.isnan(scores), -np.inf, scores.astype(np.float64))  # old things after predictions
+    result = panoptic_merge(list(masks), classes.tolist(), priority.tolist(), stuff, k_things=k_things,
+                            k_stuff=k_stuff, min_stuff_area=min_stuff_area, min_thing_area=min_thing_area,
+                            thing_order=thing_order, stuff_overlap_drop=stuff_overlap_drop)
+    thing_scores = [1.0 if sources[i] == SOURCE_OLD else float(scores[i])
+                    for _, i in sorted(result.thing_sources.items())]
+    n_old_kept = int((sources == SOURCE_OLD).sum())
+    return RelabelResult(panoptic=result, thing_scores=thing_scores, pred_things=int((sources == SOURCE_PRED).sum()),
+                         old_kept=n_old_kept, old_replaced=int(old_masks.shape[0]) - n_old_kept)

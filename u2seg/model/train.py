@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from u2seg.model.network import U2SegModel
+from u2seg.model.optim import clip_grad_norm_per_param_
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TARGET_KEYS = ("boxes", "labels", "masks", "semantic")
+CLIP_MODES = ("global", "per_param")
 
 
 def autocast_context(
@@ -44,14 +46,19 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     *,
     max_grad_norm: float | None = None,
+    clip: str = "global",
     amp_on_cpu: bool = False,
 ) -> dict[str, float]:
     """Forward, backward and one optimizer step on an (already augmented) batch of samples.
 
     Returns every weighted loss term plus "loss_total" as Python floats. A non-finite total raises
     FloatingPointError before the step so a diverged run stops instead of corrupting the weights.
-    Pass a GradScaler when cfg.amp == "fp16" (bf16 needs none).
+    Pass a GradScaler when cfg.amp == "fp16" (bf16 needs none). With ``max_grad_norm`` the gradients
+    are clipped (after unscaling) to that L2 norm: ``clip="global"`` over all parameters together,
+    ``"per_param"`` each parameter tensor on its own (Detectron2's CLIP_GRADIENTS, U2Seg's recipe).
     """
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
     model.train()
     device = model.device
     images, targets = batch_to_device(batch, device)
@@ -66,14 +73,21 @@ def train_step(
         scaler.scale(total).backward()
         if max_grad_norm is not None:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            _clip(model.parameters(), max_grad_norm, clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         total.backward()
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            _clip(model.parameters(), max_grad_norm, clip)
         optimizer.step()
     out = {k: float(v.detach()) for k, v in losses.items()}
     out["loss_total"] = float(total.detach())
     return out
+
+
+def _clip(params: Iterable[torch.Tensor], max_norm: float, clip: str) -> None:
+    if clip == "per_param":
+        clip_grad_norm_per_param_(params, max_norm)
+    else:
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm)

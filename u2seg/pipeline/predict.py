@@ -11,6 +11,17 @@ image, ok or error) last. An image is done iff it is in the ledger; a rerun or a
 exactly the images not in it (filtered in Arrow, no per-image state on the driver), and label parts of
 groups whose ledger part was never written are removed first. A failing model call is split down to
 single images (``batch_retry``): only an image failing alone with its own error is an error row.
+
+What a prediction label set holds beyond the panoptic PNG (the merged, visible segments):
+
+- ``instances``: the model's detections with their *full* masks (overlapping, as the mask head predicts them)
+  and scores, each detection scoring at least ``min_instance_score`` -- what COCO's instance AP scores and
+  what CutLER's self-training reads (it replaces pseudo masks by predicted ones). The predict stage keeps
+  every detection (``ModelConfig.box_score_thresh`` and ``detections_per_img`` bound them); self-training's
+  predictions keep those at ``train.score_threshold`` and above, the only ones it uses.
+- the semantic PNG: the semantic head's own argmax (stuff category ids, 0 where the head says "thing"),
+  not the panoptic's category map, so self-training can take its stuff from the model
+  (``train.selftrain_stuff=model``).
 """
 
 from __future__ import annotations
@@ -31,16 +42,35 @@ from u2seg.pipeline.progress import Progress
 log = logging.getLogger(__name__)
 
 
+def write_prediction(labels: LabelSet, group: str, image_id: str, uri: str, p: Any,
+                     min_instance_score: float) -> dict[str, Any]:
+    """Write one image's prediction (a ``u2seg.model.Prediction``) into ``labels``: its panoptic PNG, the semantic
+    head's PNG, and (returned) its row for the group's part, whose instances are the detections scoring at least
+    ``min_instance_score`` with their full masks."""
+    from u2seg.labels import instance_annotations
+    from u2seg.labels.coco import coco_image_id
+
+    scores = {int(s["id"]): float(s["score"]) for s in p.segments_info if "score" in s}
+    semantic = np.where(p.semantic >= 0, p.semantic + labels.k_things + 1, 0).astype(np.int32)
+    keep = np.flatnonzero(np.asarray(p.scores, np.float64) >= min_instance_score)  # as the JSON floats compare
+    instances = instance_annotations(coco_image_id(image_id), list(p.masks[keep]),
+                                     np.asarray(p.classes)[keep].tolist(), np.asarray(p.scores)[keep].tolist(),
+                                     start_ann_id=1)
+    return labels.write_image(group, image_id, uri, p.panoptic, p.segments_info, scores=scores, semantic=semantic,
+                              instances=instances)
+
+
 class PredictActor:
     """Holds one trained model; predicts, writes and commits one group of images per call."""
 
-    def __init__(self, root: RunRoot, model_rel: str, out: str, cfg_dict: dict[str, Any]):
+    def __init__(self, root: RunRoot, model_rel: str, out: str, cfg_dict: dict[str, Any],
+                 min_instance_score: float = 0.0):
         import torch
 
         from u2seg.config import config_from_dict
         from u2seg.model import model_from_bytes
 
-        self.root, self.out = root, out
+        self.root, self.out, self.min_score = root, out, float(min_instance_score)
         self.cfg = config_from_dict(cfg_dict)
         device = "cuda" if torch.cuda.is_available() and self.cfg.run.device != "cpu" else "cpu"
         self.model, _ = model_from_bytes(root.read_bytes(model_rel), map_location=device)
@@ -83,9 +113,7 @@ class PredictActor:
             if isinstance(p, ItemFailure):
                 rows[image_id] = _error_row(image_id, uri_of[image_id], p.error_class, f"model failure: {p.error}")
                 continue
-            scores = {int(s["id"]): float(s["score"]) for s in p.segments_info if "score" in s}
-            fragment.add(self.labels.write_image(group, image_id, uri_of[image_id], p.panoptic, p.segments_info,
-                                                 scores=scores))
+            fragment.add(write_prediction(self.labels, group, image_id, uri_of[image_id], p, self.min_score))
             rows[image_id] = {"image_id": image_id, "uri": uri_of[image_id], "status": "ok", "group": group,
                               "error_class": "", "message": ""}
         self.labels.commit(group, fragment)
@@ -124,10 +152,11 @@ def _select_todo(batch: pa.Table, done: pa.Array, ok_only: bool) -> pa.Table:
 
 
 def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, inputs: str,
-                   stage: str = "predict") -> dict[str, Any]:
+                   stage: str = "predict", *, min_instance_score: float = 0.0) -> dict[str, Any]:
     """Predict with round ``round_idx``'s model every image listed in ``inputs`` (a run-root folder of
     manifest-like parts, or the extract ledger, whose ok images are taken) not yet in ``<out>/ledger``; its
-    progress goes to ``stage``'s ``_PROGRESS.json`` (self-training predicts inside the train stage)."""
+    progress goes to ``stage``'s ``_PROGRESS.json`` (self-training predicts inside the train stage); its
+    instances are the detections scoring at least ``min_instance_score``, with full masks."""
     import ray
 
     model_rel = layout.round_model(round_idx)
@@ -155,7 +184,8 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, in
         ds = ds.map_batches(PredictActor, batch_size=pc_cfg.rows_per_part, compute=pool, num_gpus=gpus,
                             num_cpus=pc_cfg.cpus_per_actor,
                             fn_constructor_kwargs={"root": root, "model_rel": model_rel, "out": out,
-                                                   "cfg_dict": cfg.to_dict()})
+                                                   "cfg_dict": cfg.to_dict(),
+                                                   "min_instance_score": min_instance_score})
         with Progress(max(0, total - len(done)), f"predict round {round_idx}", unit="img", root=root, stage=stage,
                       every_s=cfg.run.progress_every_s) as bar:
             for row in ds.iter_rows():

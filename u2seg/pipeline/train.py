@@ -3,7 +3,11 @@
 ``train/round-R/`` holds Ray Train's checkpoints (``RunConfig(storage_path=<root>/train,
 name=round-R)``, local or S3) plus ``metrics.jsonl`` and ``model.pt`` (the final model, for predict).
 Round 0 trains on the pseudo-labels; each self-training round R first predicts the training images
-with round R-1's model and merges confident predictions into the labels (``selftrain.py``).
+with round R-1's model and rebuilds the labels from its confident predictions by CutLER's rule
+(``selftrain.py``). The recipe (optimizer over Detectron2's parameter groups, warmup + multi-step lr
+schedule stepped every step and restored with the checkpoint, per-parameter or global gradient clipping,
+standard or cascade heads) comes from ``train.*`` (``u2seg/configs/coco.yaml``: U2Seg's); the lr of every
+step is in ``metrics.jsonl``.
 A lost worker restarts the worker group from the latest checkpoint (``FailureConfig``); rerunning the
 same command resumes the same run name from its latest checkpoint instead of starting over.
 """
@@ -19,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from u2seg.config import U2SegConfig, config_from_dict
+from u2seg.config import TrainConfig, U2SegConfig, config_from_dict
 from u2seg.io import RunRoot, layout
 from u2seg.io.labelset import LabelSet
 from u2seg.pipeline.progress import StageProgress
@@ -37,7 +41,52 @@ def model_config(cfg: U2SegConfig, k_things: int, k_stuff: int) -> Any:
     train_cfg = cfg.train
     return ModelConfig(backbone=train_cfg.backbone, weights=train_cfg.weights, num_thing_classes=k_things,
                        num_stuff_classes=k_stuff, image_size=224, min_size=min(800, train_cfg.image_size),
-                       max_size=train_cfg.image_size, drop_loss_iou=train_cfg.drop_loss_iou, seed=cfg.run.seed)
+                       max_size=train_cfg.image_size, drop_loss_iou=train_cfg.drop_loss_iou,
+                       roi_heads=train_cfg.roi_heads, semantic_loss_weight=train_cfg.semantic_loss_weight,
+                       amp=train_cfg.amp, seed=cfg.run.seed)
+
+
+def make_model(cfg: U2SegConfig, k_things: int, k_stuff: int) -> Any:
+    """The network ``train.*`` describes, its backbone weights (``train.weights``: file or s3://) loaded."""
+    from u2seg.model import build_model
+
+    return build_model(model_config(cfg, k_things, k_stuff), storage_options=cfg.run.storage.storage_options())
+
+
+def make_optimizer(model: Any, train_cfg: TrainConfig) -> Any:
+    """``train.optimizer`` over Detectron2's parameter groups of ``model`` (no weight decay on norm layers)."""
+    from u2seg.model import build_optimizer
+
+    return build_optimizer(model, train_cfg.optimizer, train_cfg.lr, train_cfg.weight_decay, train_cfg.momentum)
+
+
+def make_lr_scheduler(optimizer: Any, train_cfg: TrainConfig, start_step: int = 0) -> Any:
+    """The warmup + multi-step schedule, stepped once after every optimizer step. To resume at ``start_step``
+    the optimizer's state must be loaded first (it carries each group's initial lr)."""
+    from u2seg.model import build_lr_scheduler
+
+    return build_lr_scheduler(optimizer, warmup_steps=train_cfg.warmup_steps, warmup_factor=train_cfg.warmup_factor,
+                              lr_steps=train_cfg.lr_steps, gamma=train_cfg.lr_gamma, start_step=start_step)
+
+
+def scheduled_lr(train_cfg: TrainConfig, step: int) -> float:
+    """The lr of 0-based optimizer step ``step`` under ``train_cfg`` (what metrics.jsonl records)."""
+    from u2seg.model import lr_at
+
+    return lr_at(step, train_cfg.lr, warmup_steps=train_cfg.warmup_steps, warmup_factor=train_cfg.warmup_factor,
+                 lr_steps=train_cfg.lr_steps, gamma=train_cfg.lr_gamma)
+
+
+def optimize_step(net: Any, optimizer: Any, scheduler: Any, batch: list[dict[str, Any]], scaler: Any,
+                  train_cfg: TrainConfig) -> dict[str, float]:
+    """One step of the recipe: forward/backward, ``train.clip`` at ``train.clip_norm``, the optimizer step, then
+    the schedule's step. Returns the losses and the lr this step ran at."""
+    from u2seg.model.train import train_step
+
+    lr = float(optimizer.param_groups[0]["lr"])
+    losses = train_step(net, optimizer, batch, scaler, max_grad_norm=train_cfg.clip_norm, clip=train_cfg.clip)
+    scheduler.step()
+    return {**losses, "lr": lr}
 
 
 def augment_config(cfg: U2SegConfig) -> Any:
@@ -86,8 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from u2seg.model import augment_batch, build_model, model_from_bytes, model_to_bytes, targets_from_labels
-    from u2seg.model.train import train_step
+    from u2seg.model import augment_batch, model_from_bytes, model_to_bytes, targets_from_labels
     from u2seg.pipeline.scalars import open_scalars
 
     cfg = config_from_dict(config["cfg"])
@@ -99,28 +147,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.run.seed)
     if not use_cuda:
         torch.set_num_threads(max(1, int(config.get("cpu_threads", 1))))
-    mcfg = model_config(cfg, config["k_things"], config["k_stuff"])
-    model = build_model(mcfg).to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train_cfg.lr,
-                                  weight_decay=train_cfg.weight_decay)
+    model = make_model(cfg, config["k_things"], config["k_stuff"]).to(device)
+    mcfg = model.cfg
+    optimizer = make_optimizer(model, train_cfg)
+    scaler = torch.amp.GradScaler("cuda") if use_cuda and mcfg.amp == "fp16" else None
     step = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d, open(os.path.join(d, CKPT_FILE), "rb") as fh:
             _, extra = model_from_bytes(fh.read(), map_location=device, optimizer=optimizer, model=model)
         step = int(extra["step"])
+        if scaler is not None and extra.get("grad_scaler"):
+            scaler.load_state_dict(extra["grad_scaler"])
         if rank == 0:
             log.info("train: resumed from checkpoint at step %d", step)
     elif config.get("init_model_rel"):  # a self-training round starts from the previous round's model (CutLER)
         model_from_bytes(config["root"].read_bytes(config["init_model_rel"]), map_location=device, model=model)
         if rank == 0:
             log.info("train: initialised from %s", config["init_model_rel"])
+    scheduler = make_lr_scheduler(optimizer, train_cfg, start_step=step)
+    if rank == 0:
+        log.info("train: %s lr %g (step %d: %g), global batch %d x %d, clip %s %g, %s heads", train_cfg.optimizer,
+                 train_cfg.lr, step, optimizer.param_groups[0]["lr"], world, train_cfg.batch_size, train_cfg.clip,
+                 train_cfg.clip_norm, train_cfg.roi_heads)
     net: Any = model
     if world > 1:
         ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if use_cuda else None, find_unused_parameters=True)
         net = _DDPStep(ddp, model)
-    scaler = torch.amp.GradScaler("cuda") if use_cuda and mcfg.amp == "fp16" else None
     aug = augment_config(cfg)
     rows = ray.get(config["rows"])
     scalars = open_scalars(config["root"], config["tensorboard_rel"], rank=rank, mlflow_uri=train_cfg.mlflow_uri,
@@ -142,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             samples = [s for s in samples if len(s["boxes"])] or samples
             # one generator per (seed, rank, step): augmentation does not depend on where a run resumed
             gen = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + rank * 7919 + step)
-            losses = train_step(net, optimizer, augment_batch(samples, aug, gen), scaler, max_grad_norm=1.0)
+            losses = optimize_step(net, optimizer, scheduler, augment_batch(samples, aug, gen), scaler, train_cfg)
             step += 1
             elapsed = time.time() - t0  # this attempt's own steps only: a resumed run starts at start_step
             rate = (step - start_step) * train_cfg.batch_size * world / max(elapsed, 1e-9)
@@ -160,7 +214,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     ckpt_obj = None
                     if rank == 0:
                         with open(os.path.join(d, CKPT_FILE), "wb") as fh:
-                            fh.write(model_to_bytes(model, optimizer=optimizer, extra={"step": step}))
+                            state = {"step": step, **({"grad_scaler": scaler.state_dict()} if scaler else {})}
+                            fh.write(model_to_bytes(model, optimizer=optimizer, extra=state))
                         ckpt_obj = ray.train.Checkpoint.from_directory(d)
                     ray.train.report(metrics, checkpoint=ckpt_obj)
     scalars.close()
@@ -238,8 +293,10 @@ def run_train(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
         if root.exists(layout.round_model(r)):
             log.info("train: self-training round %d already trained, kept", r)
             continue
-        predicted = predict_images(cfg, root, r - 1, layout.round_predictions(r - 1), layout.LEDGER, stage="train")
+        predicted = predict_images(cfg, root, r - 1, layout.round_predictions(r - 1), layout.LEDGER, stage="train",
+                                   min_instance_score=cfg.train.score_threshold)
         relabel = build_round_labels(cfg, root, r)
         stats = run_train_round(cfg, root, r)
-        rounds.append({**stats, "predicted_images": predicted["images"], "added_things": relabel["added_things"]})
+        rounds.append({**stats, "predicted_images": predicted["images"],
+                       **{k: relabel[k] for k in ("pred_things", "old_kept", "old_replaced")}})
     return {**rounds[0], "rounds": rounds, "steps": sum(r["steps"] for r in rounds)}
