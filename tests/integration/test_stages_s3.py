@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from u2seg.io import RunRoot
+from u2seg.io.layout import subdirs
 from u2seg.labels import decode_mask, decode_panoptic_png, validate_panoptic
 from u2seg.pipeline.run_stage import run_stage
 
@@ -87,7 +88,9 @@ def test_labels_load_in_pycocotools_and_satisfy_panoptic_rules(s3_run, tmp_path)
         assert len(inst) == len(things)
         for a in inst:
             assert any(np.array_equal(decode_mask(a["segmentation"]), ids == s["id"]) for s in things)
-    assert len(root.list("labels/semantic", ".png")) == n_images
+    semantic = [png for group in subdirs(root, "labels/semantic")
+                for png in root.list(f"labels/semantic/{group}", ".png")]
+    assert len(semantic) == n_images
 
 
 def test_evaluate_reports_pseudo_label_quality(s3_run):

@@ -115,6 +115,26 @@ def test_a_second_driver_fails_fast_and_an_expired_lease_is_taken_over(tmp_path,
     assert not root.exists(LEASE)
 
 
+def test_a_lease_whose_process_died_on_this_host_is_taken_over_at_once(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(lease_module, "VERIFY_PAUSE_S", 0.0)
+    root = RunRoot(str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    live_for = {"heartbeat_at": time.time(), "expires_at": time.time() + 600}
+    root.write_json(LEASE, {"token": "killed", "what": "u2seg extract", "pid": int(dead.stdout), **live_for,
+                            "host": socket.gethostname()})
+    with hold_lease(root, 30, "u2seg extract") as held:
+        assert json.loads(root.read_bytes(LEASE))["token"] == held.token
+    # the same dead pid on another host proves nothing: that lease stands until it expires
+    root.write_json(LEASE, {"token": "elsewhere", "what": "u2seg extract", "pid": int(dead.stdout), **live_for,
+                            "host": socket.gethostname() + "-other"})
+    with pytest.raises(LeaseHeldError, match="expires in"):
+        RunLease(root, ttl_s=30, what="u2seg extract").acquire()
+
+
 def test_waiting_for_a_lease_until_its_owner_releases_it(tmp_path, monkeypatch):
     import threading
 

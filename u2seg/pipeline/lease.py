@@ -1,11 +1,13 @@
 """One driver per run root: a lease file (owner token, heartbeat, expiry) at ``<run root>/_LEASE``.
 
 A second driver fails at once naming the owner and when its lease expires (or waits for it); the lease
-of a killed driver is taken over once it has expired. The lease is created with a conditional write
-where the store has one (local: ``O_CREAT | O_EXCL``; S3: ``PutObject`` with ``If-None-Match: *``) and
-every acquisition is verified by reading the lease back after a short pause. On a store without
-conditional writes two drivers starting within that pause of each other could both believe they won;
-the read-back makes the loser fail in all other cases (see the README, "Failures and reruns").
+of a killed driver is taken over once it has expired, or at once when that driver ran on this host and its
+process is gone (a rerun right after a crash on a laptop or a head node need not wait). The lease is
+created with a conditional write where the store has one (local: ``O_CREAT | O_EXCL``; S3: ``PutObject``
+with ``If-None-Match: *``) and every acquisition is verified by reading the lease back after a short
+pause. On a store without conditional writes two drivers starting within that pause of each other
+could both believe they won; the read-back makes the loser fail in all other cases (see the README,
+"Failures and reruns").
 """
 
 from __future__ import annotations
@@ -97,10 +99,10 @@ class RunLease:
             if current is None:
                 if self._create_exclusive(json.dumps(self._record()).encode()) and self._verify():
                     break
-            elif float(current.get("expires_at", 0)) < time.time():
-                log.warning("run root %s: taking over the expired lease of %s (pid %s on %s, last heartbeat %.0fs "
-                            "ago)", self.root.uri, current.get("what"), current.get("pid"), current.get("host"),
-                            time.time() - float(current.get("heartbeat_at", 0)))
+            elif (why := _stale(current)) is not None:
+                log.warning("run root %s: taking over the lease of %s (pid %s on %s, last heartbeat %.0fs ago): %s",
+                            self.root.uri, current.get("what"), current.get("pid"), current.get("host"),
+                            time.time() - float(current.get("heartbeat_at", 0)), why)
                 self.root.write_json(LEASE, self._record())
                 if self._verify():
                     break
@@ -150,6 +152,21 @@ class RunLease:
             current = self.read()
             if current is not None and current.get("token") == self.token:
                 self.root.remove(LEASE)
+
+
+def _stale(current: dict[str, Any]) -> str | None:
+    """Why another driver's lease may be taken over now, or None while it is live."""
+    if float(current.get("expires_at", 0)) < time.time():
+        return "it has expired"
+    pid = current.get("pid")
+    if current.get("host") == socket.gethostname() and isinstance(pid, int) and pid != os.getpid():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "its process is gone"
+        except PermissionError:  # alive, owned by another user
+            return None
+    return None
 
 
 @contextlib.contextmanager
