@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from u2seg.config import U2SegConfig, load_config
-from u2seg.io import RunRoot
+from u2seg.io import RunRoot, layout
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def train_once(cfg: U2SegConfig, root: RunRoot, workers: int, steps: int, image_
     t0 = time.time()
     stats = run_train_round(tcfg, root, 0)
     wall = time.time() - t0
-    lines = root.read_text("train/round-0/metrics.jsonl").splitlines()
+    lines = root.read_text(layout.round_metrics(0)).splitlines()
     history = [json.loads(line) for line in lines if line]
     out = {"workers": workers, "steps": stats["steps"], "fit_wall_s": round(wall, 2),
            "loss_total": stats["loss_total"], **step_rates(history, batch_size, workers)}

@@ -27,7 +27,7 @@ from typing import Any
 from u2seg.errors import InputsError, UserError
 from u2seg.io import RunRoot, layout
 from u2seg.io.inputs import read_input
-from u2seg.io.labelset import PANOPTIC, LabelSet, Row, write_coco
+from u2seg.io.labelset import INSTANCES_JSON, PANOPTIC, PANOPTIC_JSON, LabelSet, Row, write_coco
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def export_coco(root: RunRoot, set_name: str, out: str, storage_options: dict[st
              root.join(prefix), dest.uri)
     return {"set": root.join(prefix), "out": dest.uri, "images": counts["images"], "instances": counts["instances"],
             "parts_read": counts["parts"], "pngs_copied": pngs, "not_found": len(missing),
-            "panoptic_json": dest.join("panoptic.json"), "instances_json": dest.join("instances.json")}
+            "panoptic_json": dest.join(PANOPTIC_JSON), "instances_json": dest.join(INSTANCES_JSON)}
 
 
 def _copy_pngs(labels: LabelSet, dest: RunRoot, groups: Sequence[str], selection: _Selection) -> int:

@@ -63,7 +63,7 @@ def head_bytes(head: Any, meta: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def load_head(data: bytes, *, source: str = "stuff/head.pt") -> Any:
+def load_head(data: bytes, *, source: str = layout.STUFF_HEAD) -> Any:
     """A head from ``stuff/head.pt`` bytes or a STEGO checkpoint (read with ``weights_only=True``)."""
     import torch
 
