@@ -2,10 +2,11 @@
 
 Tiny images (``--image-px``, default 48) through manifest -> stuff (k-means baseline) -> extract -> cluster ->
 label with a tiny ViT at 64 px, at two dataset sizes in one run (default 10,000 and 100,000). For each size, a
-fresh driver process runs the stages and reports: wall and machine CPU seconds per stage (CPU ms per image
-is the orchestration overhead: decode, Ray Data, commits, listing), the driver's peak RSS (it must stay flat:
-nothing per image on the driver), files written per 10k images, and the time to list and count the
-manifest and the ledger. The ratios between the two sizes are the result.
+fresh driver process runs the stages and reports: wall and CPU seconds per stage (of the driver and the Ray
+processes it started, so other jobs on the machine do not count; CPU ms per image is the orchestration overhead:
+decode, Ray Data, commits, listing), the driver's peak RSS (it must stay flat: nothing per image on the driver),
+files written per 10k images, and the time to list and count the manifest and the ledger.
+The ratios between the two sizes are the result.
 """
 
 from __future__ import annotations
@@ -52,12 +53,33 @@ def write_images(folder: str, n: int, side: int, seed: int = 0) -> None:
             fh.write(buf.tobytes())
 
 
-def _cpu_seconds() -> float:
-    """Machine-wide CPU seconds (user + system) so far: Ray workers included."""
-    with open("/proc/stat") as fh:
-        fields = fh.readline().split()[1:]
+def _tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and all its descendants: the Ray processes it started.
+
+    Each process counts its own time plus that of its children it has reaped (``/proc/<pid>/stat`` fields
+    14-17), so a Ray worker that exited is still counted through the raylet that reaped it; other jobs on
+    the machine are not counted (a machine-wide figure would be, which made the result depend on load).
+    """
     ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / ticks
+    children: dict[int, list[int]] = {}
+    times: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited while we looked
+            continue
+        pid = int(entry)
+        children.setdefault(int(fields[1]), []).append(pid)  # fields[1] = ppid (field 4 of stat)
+        times[pid] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += times.get(pid, 0)
+        todo.extend(children.get(pid, ()))
+    return total / ticks
 
 
 def scale_driver(config_yaml: str, out_json: str) -> None:
@@ -71,9 +93,9 @@ def scale_driver(config_yaml: str, out_json: str) -> None:
     cfg = load_config(config_yaml)
     stages: dict[str, Any] = {}
     for name in STAGES:
-        t0, c0 = time.time(), _cpu_seconds()
+        t0, c0 = time.time(), _tree_cpu_seconds()
         stats = run_stage(name, cfg)
-        stages[name] = {"wall_s": round(time.time() - t0, 2), "cpu_s": round(_cpu_seconds() - c0, 2),
+        stages[name] = {"wall_s": round(time.time() - t0, 2), "cpu_s": round(_tree_cpu_seconds() - c0, 2),
                         "images": stats.get("images") or stats.get("manifest_images")}
     root = open_root(cfg)
     t0 = time.time()
