@@ -53,33 +53,81 @@ def write_images(folder: str, n: int, side: int, seed: int = 0) -> None:
             fh.write(buf.tobytes())
 
 
-def _tree_cpu_seconds() -> float:
-    """CPU seconds (user + system) of this process and all its descendants: the Ray processes it started.
-
-    Each process counts its own time plus that of its children it has reaped (``/proc/<pid>/stat`` fields
-    14-17), so a Ray worker that exited is still counted through the raylet that reaped it; other jobs on
-    the machine are not counted (a machine-wide figure would be, which made the result depend on load).
-    """
-    ticks = os.sysconf("SC_CLK_TCK")
-    children: dict[int, list[int]] = {}
-    times: dict[int, int] = {}
+def _proc_table() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, start time, own utime + stime in ticks) of every process now running."""
+    table: dict[int, tuple[int, int, int]] = {}
     for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-        except OSError:  # exited while we looked
-            continue
-        pid = int(entry)
-        children.setdefault(int(fields[1]), []).append(pid)  # fields[1] = ppid (field 4 of stat)
-        times[pid] = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
-    total, todo = 0, [os.getpid()]
-    while todo:
-        pid = todo.pop()
-        total += times.get(pid, 0)
-        todo.extend(children.get(pid, ()))
-    return total / ticks
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:  # exited while we looked
+                continue
+            table[int(entry)] = (int(fields[1]), int(fields[19]), int(fields[11]) + int(fields[12]))
+    return table
+
+
+def _own_cpu_seconds() -> float:
+    """The driver process's own CPU (all its threads): the per-image work done on the driver."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class TreeCpu:
+    """CPU seconds (user + system) used by this process and every process it started (the Ray processes).
+
+    A thread samples ``/proc`` every ``interval_s`` and keeps, for each descendant ever seen (keyed by pid and
+    start time, so a reused pid is a new process), the last CPU time it showed; a process that exits keeps
+    its last sample. Other jobs on the machine are not counted (a machine-wide figure would be, which made
+    the result depend on load); what a process burns after its last sample, or a process that lives less
+    than one interval, is missed: a small undercount, never a negative stage.
+    """
+
+    def __init__(self, interval_s: float = 0.5) -> None:
+        import threading
+
+        self._seen: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._interval = interval_s
+        self._own = 0.0  # CPU seconds of the sampling thread
+        self._thread = threading.Thread(target=self._run, name="tree-cpu", daemon=True)
+        self.sample()
+        self._thread.start()
+
+    def sample(self) -> None:
+        table = _proc_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        todo, found = [os.getpid()], []
+        while todo:
+            pid = todo.pop()
+            if pid in table:
+                found.append(pid)
+            todo.extend(children.get(pid, ()))
+        with self._lock:
+            for pid in found:
+                _, start, ticks = table[pid]
+                key = (pid, start)
+                self._seen[key] = max(self._seen.get(key, 0), ticks)
+
+    def seconds(self) -> float:
+        """CPU so far, less what the sampling thread itself spent."""
+        self.sample()
+        with self._lock:
+            return sum(self._seen.values()) / os.sysconf("SC_CLK_TCK") - self._own
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            t0 = time.thread_time()
+            self.sample()
+            with self._lock:
+                self._own += time.thread_time() - t0
 
 
 def scale_driver(config_yaml: str, out_json: str) -> None:
@@ -92,11 +140,14 @@ def scale_driver(config_yaml: str, out_json: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     cfg = load_config(config_yaml)
     stages: dict[str, Any] = {}
+    cpu = TreeCpu()
     for name in STAGES:
-        t0, c0 = time.time(), _tree_cpu_seconds()
+        t0, c0, d0 = time.time(), cpu.seconds(), _own_cpu_seconds()
         stats = run_stage(name, cfg)
-        stages[name] = {"wall_s": round(time.time() - t0, 2), "cpu_s": round(_tree_cpu_seconds() - c0, 2),
+        stages[name] = {"wall_s": round(time.time() - t0, 2), "cpu_s": round(cpu.seconds() - c0, 2),
+                        "driver_cpu_s": round(_own_cpu_seconds() - d0, 2),
                         "images": stats.get("images") or stats.get("manifest_images")}
+    cpu.close()
     root = open_root(cfg)
     t0 = time.time()
     manifest_rows = layout.count_rows(root, layout.MANIFEST)
@@ -134,6 +185,7 @@ def bench_scale(sizes: tuple[int, ...] = (10_000, 100_000), image_px: int = 48,
             r["generate_s"] = round(gen_s, 1)
             r["pipeline_wall_s"] = round(time.time() - t0, 1)
             r["cpu_ms_per_image"] = {k: round(1000 * v["cpu_s"] / n, 3) for k, v in r["stages"].items()}
+            r["driver_cpu_ms_per_image"] = {k: round(1000 * v["driver_cpu_s"] / n, 3) for k, v in r["stages"].items()}
             r["images_per_s"] = {k: round(n / v["wall_s"], 1) for k, v in r["stages"].items() if v["wall_s"] > 0}
             r["files_per_10k_images"] = round(r["files"] * 10_000 / n, 1)
             results[str(n)] = r
@@ -145,4 +197,7 @@ def bench_scale(sizes: tuple[int, ...] = (10_000, 100_000), image_px: int = 48,
         "driver_peak_rss_ratio": round(large["driver_peak_rss_mb"] / small["driver_peak_rss_mb"], 3),
         "cpu_ms_per_image_ratio": {k: round(large["cpu_ms_per_image"][k] / max(small["cpu_ms_per_image"][k], 1e-9), 3)
                                    for k in STAGES},
+        "driver_cpu_ms_per_image_ratio": {
+            k: round(large["driver_cpu_ms_per_image"][k] / max(small["driver_cpu_ms_per_image"][k], 1e-9), 3)
+            for k in STAGES},
     }
