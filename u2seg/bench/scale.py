@@ -68,7 +68,7 @@ def _proc_table() -> dict[int, tuple[int, int, int]]:
 
 
 def _own_cpu_seconds() -> float:
-    """The driver process's own CPU (all its threads): the per-image work done on the driver."""
+    """The driver process's own CPU (all its threads, the sampler's too: an upper bound): work done on the driver."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
