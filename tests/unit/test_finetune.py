@@ -3,6 +3,8 @@ stage naming, the labeled-subset label set and the class-layer re-initialisation
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def test_subset_is_seeded_stable_and_nested():
     sizes = {f: select_fraction(NAMES, f, seed=0) for f in (0.01, 0.02, 0.05, 0.1, 1.0)}
     assert [len(v) for v in sizes.values()] == [10, 20, 50, 100, 1000]
     fractions = list(sizes)
-    for small, big in zip(fractions, fractions[1:], strict=False):
+    for small, big in itertools.pairwise(fractions):
         assert sizes[big][: len(sizes[small])] == sizes[small]  # a smaller fraction's images are a larger one's
     assert set(sizes[1.0]) == set(NAMES)
     other = select_fraction(NAMES, 0.01, seed=1)
@@ -50,7 +52,7 @@ def test_subset_size_is_floor_without_float_slips():
 
 
 def test_subset_errors_name_the_knob():
-    with pytest.raises(ConfigError, match="finetune.fraction.*at least one of the 20 labeled images"):
+    with pytest.raises(ConfigError, match=r"finetune.fraction.*at least one of the 20 labeled images"):
         select_fraction([str(i) for i in range(20)], 0.01, seed=0)
     with pytest.raises(ConfigError, match="at least one of the 0 labeled images"):
         select_fraction([], 0.5, seed=0)
@@ -82,7 +84,7 @@ def test_config_rejects_bad_values(override, key):
 
 
 def test_config_lr_steps_below_steps():
-    with pytest.raises(ConfigError, match="finetune.lr_steps.*below finetune.steps"):
+    with pytest.raises(ConfigError, match=r"finetune.lr_steps.*below finetune.steps"):
         load_config(None, ["finetune.steps=10", "finetune.lr_steps=[10]"])
     assert load_config(None, ["finetune.steps=10", "finetune.lr_steps=[5]"]).finetune.lr_steps == [5]
 
@@ -97,11 +99,11 @@ def test_train_config_takes_the_finetune_recipe():
 
 
 def test_missing_knobs_say_what_to_set():
-    with pytest.raises(ConfigError, match="finetune.gt_panoptic_json"):
+    with pytest.raises(ConfigError, match=r"finetune.gt_panoptic_json"):
         check_finetune_config(load_config(None, []))
-    with pytest.raises(ConfigError, match="evaluate.images"):
+    with pytest.raises(ConfigError, match=r"evaluate.images"):
         check_finetune_config(load_config(None, ["finetune.gt_panoptic_json=/x.json"]))
-    with pytest.raises(ConfigError, match="evaluate.gt_panoptic_json"):
+    with pytest.raises(ConfigError, match=r"evaluate.gt_panoptic_json"):
         check_finetune_config(load_config(None, ["finetune.gt_panoptic_json=/x.json", "evaluate.images=[/v]"]))
 
 
@@ -114,7 +116,8 @@ def test_folders_and_stages():
     assert u2.upstream == ("train",) and bb.upstream == ()
     assert u2.folder == u2.name == "finetune/u2seg-0.01" and u2.outputs == ("finetune/u2seg-0.01",)
     assert "label" in u2.sections and "label" not in bb.sections and "finetune" in bb.sections
-    assert u2.config_hash(cfg) != stage("finetune/u2seg-0.02").config_hash(load_config(None, ["finetune.fraction=0.02"]))
+    other = load_config(None, ["finetune.fraction=0.02"])
+    assert u2.config_hash(cfg) != stage("finetune/u2seg-0.02").config_hash(other)
     with pytest.raises(ValueError, match="not a fine-tuning folder"):
         stage("finetune/scratch-0.1")
     with pytest.raises(ValueError):
@@ -187,11 +190,11 @@ def test_transfer_refuses_another_architecture():
     a = tiny_model(4, 3, seed=0)
     b = build_model(ModelConfig(backbone="resnet18", num_thing_classes=4, num_stuff_classes=3, pyramid_channels=16,
                                 representation_size=48, mask_head_layers=(16,), semantic_conv_dims=8))
-    with pytest.raises(ValueError, match="another architecture.*of another shape"):
+    with pytest.raises(ValueError, match=r"another architecture.*of another shape"):
         transfer_weights(a, b.state_dict())
     state = dict(b.state_dict())
     state.pop("semantic_head.predictor.bias")
-    with pytest.raises(ValueError, match="another architecture.*missing"):
+    with pytest.raises(ValueError, match=r"another architecture.*missing"):
         transfer_weights(b, state)
 
 

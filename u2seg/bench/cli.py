@@ -103,8 +103,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     elif what == "finetune":
         from u2seg.bench.finetune import bench_finetune
 
-        steps = args.n or (2 if args.quick else 40)
-        result = bench_finetune(n_train=20 if args.quick else 100, n_held_out=4 if args.quick else 24,
+        steps = args.n or (2 if args.quick else 20)
+        result = bench_finetune(n_train=20 if args.quick else 40, n_held_out=4 if args.quick else 6,
                                 selftrain_steps=steps, finetune_steps=steps,
                                 image_size=args.image_size or (96 if args.quick else 128),
                                 backbone=args.backbone or "resnet18")

@@ -31,8 +31,8 @@ def _with(cfg: U2SegConfig, **sections: dict[str, Any]) -> U2SegConfig:
     return config_from_dict(d)
 
 
-def bench_finetune(*, n_train: int = 100, n_held_out: int = 24, fraction: float = 0.05, selftrain_steps: int = 40,
-                   finetune_steps: int = 40, image_size: int = 128, backbone: str = "resnet18",
+def bench_finetune(*, n_train: int = 40, n_held_out: int = 6, fraction: float = 0.05, selftrain_steps: int = 20,
+                   finetune_steps: int = 20, image_size: int = 128, backbone: str = "resnet18",
                    seed: int = 0) -> dict[str, Any]:
     """Train u2seg on world A, fine-tune on ``fraction`` of its ground truth from it and from the backbone for
     ``finetune_steps`` each, score both on world B (module doc). Returns the config, both runs' held-out
