@@ -1,5 +1,5 @@
-"""`u2seg` command line: one subcommand per stage, plus pipeline, synth, gt-supercategory, export, bench and
-config.
+"""`u2seg` command line: one subcommand per stage, plus pipeline, finetune, synth, gt-supercategory, export,
+bench and config.
 
 Stage commands take ``--config FILE`` (or a built-in name: demo, coco, imagenet) and dotted overrides
 after it, e.g. ``u2seg extract --config demo extract.tau=0.2 run.run_root=s3://bucket/run``.
@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--rounds", type=int, default=None, help="overrides train.rounds")
 
+    p = sub.add_parser("finetune", help="fine-tune on finetune.fraction of a labeled set, from the self-trained "
+                       "model (finetune.init=u2seg) or the backbone alone (backbone); predict and score the held-out "
+                       "set (evaluate.images) with the real categories, into finetune/<init>-<fraction>/")
+    _add_config_args(p)
+
     p = sub.add_parser("synth", help="write the synthetic panoptic world (images + COCO ground truth)")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--out", required=True, help="local folder or s3:// prefix")
@@ -99,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.run_root=s3://bucket/run")
 
     p = sub.add_parser("bench", help="benchmarks; each writes JSON and prints a table")
-    p.add_argument("what", choices=["maskcut", "extract", "cluster", "train", "manifest", "refine", "stuff", "scale"])
+    p.add_argument("what", choices=["maskcut", "extract", "cluster", "train", "manifest", "refine", "stuff", "scale",
+                                   "finetune"])
     p.add_argument("--out", default="bench-results", help="folder or s3:// prefix for the JSON")
     p.add_argument("--n", type=int, default=None, help="problem size (images, vectors, keys)")
     p.add_argument("--image-size", type=int, default=None)
@@ -159,6 +165,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     from u2seg.pipeline.run_stage import run_stage
 
+    if cmd == "finetune":
+        from u2seg.pipeline.finetune import check_finetune_config, finetune_folder
+
+        check_finetune_config(cfg)  # before the lease and Ray: a missing knob is one line at once
+        cmd = finetune_folder(cfg)
     if cmd == "selftrain":
         cmd = "train"
     if cmd == "evaluate" and cfg.evaluate.target == "model":

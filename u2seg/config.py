@@ -387,6 +387,42 @@ class EvaluateConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Few-shot fine-tuning on a labeled set (``u2seg finetune``): the paper's label-efficiency experiment.
+
+    A seeded fraction of the labeled training set becomes a label set with the real categories; the model
+    trains on it from the self-trained u2seg model (its class layers re-initialised) or from the backbone
+    alone, and is scored on the held-out set (``evaluate.images``, ``evaluate.gt_panoptic_json``) with the
+    real categories, no cluster matching. The rest of the recipe (optimizer, clipping, heads, AMP, workers)
+    is ``train.*``'s.
+    """
+
+    init: Literal["u2seg", "backbone"] = knob(
+        "u2seg", "where the fine-tuned model starts: u2seg = the run root's final self-trained model (backbone, "
+        "FPN, RPN, box and mask trunks, semantic trunk kept; box classifier, mask predictor and semantic head's "
+        "last conv re-initialised for the real categories); backbone = train.backbone with train.weights only")
+    fraction: float = knob(0.01, "fraction of the labeled training set's images to fine-tune on (the paper: 1%, "
+                           "2%, 5%, 10%), a seeded subset that grows with the fraction (a smaller one is part of "
+                           "a larger one)", lambda v: 0.0 < v <= 1.0, "a fraction in (0, 1]")
+    gt_panoptic_json: str | None = knob(None, "COCO panoptic JSON of the labeled training set (path/URI), e.g. "
+                                        "panoptic_train2017.json; its categories are the model's")
+    gt_panoptic_dir: str | None = knob(None, "folder of its panoptic PNGs (path/URI); default: the JSON's name "
+                                       "without .json")
+    images_dir: str | None = knob(None, "folder or s3:// prefix of its images, named by the JSON's file_name "
+                                  "(e.g. train2017/); None = each image entry's 'uri' (the synthetic world's)")
+    steps: int = knob(1000, "optimizer steps of the fine-tuning", _positive, "a positive integer")
+    lr: float | None = knob(None, "base learning rate of the fine-tuning; None = train.lr",
+                            lambda v: v is None or v > 0, "None or > 0")
+    batch_size: int | None = knob(None, "images per worker per step; None = train.batch_size",
+                                  lambda v: v is None or v > 0, "None or a positive integer")
+    warmup_steps: int = knob(0, "linear warmup steps of the fine-tuning (from train.warmup_factor x lr)",
+                             _non_negative, ">= 0")
+    lr_steps: list[int] = knob([], "steps of the fine-tuning from which its lr is multiplied by train.lr_gamma "  # noqa: RUF009
+                               "once more; each below finetune.steps", _ascending_steps,
+                               "a strictly ascending list of positive integers")
+
+
+@dataclass
 class U2SegConfig:
     """The whole run."""
 
@@ -399,6 +435,7 @@ class U2SegConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -578,6 +615,10 @@ def check_consistency(cfg: U2SegConfig) -> U2SegConfig:
     if late:
         raise ConfigError("train.lr_steps", cfg.train.lr_steps, f"steps below train.steps ({cfg.train.steps}); "
                           f"{late} would never decay the lr")
+    late = [s for s in cfg.finetune.lr_steps if s >= cfg.finetune.steps]
+    if late:
+        raise ConfigError("finetune.lr_steps", cfg.finetune.lr_steps, f"steps below finetune.steps "
+                          f"({cfg.finetune.steps}); {late} would never decay the lr")
     return cfg
 
 

@@ -100,6 +100,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         result = bench_refine(n_images=args.n or (2 if args.quick else 40),
                               image_size=args.image_size or (128 if args.quick else 480),
                               backbone=args.backbone or "vit_small_patch8_224.dino")
+    elif what == "finetune":
+        from u2seg.bench.finetune import bench_finetune
+
+        steps = args.n or (2 if args.quick else 20)
+        result = bench_finetune(n_train=20 if args.quick else 40, n_held_out=4 if args.quick else 6,
+                                selftrain_steps=steps, finetune_steps=steps,
+                                image_size=args.image_size or (96 if args.quick else 128),
+                                backbone=args.backbone or "resnet18")
     else:
         raise ValueError(what)
     result = {"benchmark": what, "machine": machine(), "wall_s": round(time.time() - t0, 2), **result}

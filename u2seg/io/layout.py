@@ -58,6 +58,10 @@ EVAL_LABELS = "eval/labels"
 EVAL_MODEL = "eval/model"
 MODEL_FILE = "model.pt"
 
+# few-shot fine-tuning: one folder per (init, fraction), each a stage folder of its own
+FINETUNE = "finetune"
+FINETUNE_INITS = ("u2seg", "backbone")
+
 # markers, written by the stage runner in each stage's own folder
 SUCCESS = "_SUCCESS"
 STARTED = "_STARTED"
@@ -96,17 +100,32 @@ def selftrain_round(r: int) -> str:
     return f"{SELFTRAIN}/{round_name(r)}"
 
 
+def trained_model(run: str) -> str:
+    """The final model of a training run folder (a round, a fine-tuning), for predict."""
+    return f"{run}/{MODEL_FILE}"
+
+
+def training_metrics(run: str) -> str:
+    """The per-step curve of a training run folder (JSON lines, rank 0's and every rank's steps)."""
+    return f"{run}/metrics.jsonl"
+
+
+def training_tensorboard(run: str) -> str:
+    """TensorBoard event files of a training run folder (rank 0's scalars, copied at each checkpoint)."""
+    return f"{run}/tensorboard"
+
+
 def round_model(r: int) -> str:
-    return f"{train_round(r)}/{MODEL_FILE}"
+    return trained_model(train_round(r))
 
 
 def round_metrics(r: int) -> str:
-    return f"{train_round(r)}/metrics.jsonl"
+    return training_metrics(train_round(r))
 
 
 def round_tensorboard(r: int) -> str:
-    """TensorBoard event files of round ``r``'s training (rank 0's scalars, copied at each checkpoint)."""
-    return f"{train_round(r)}/tensorboard"
+    """TensorBoard event files of round ``r``'s training."""
+    return training_tensorboard(train_round(r))
 
 
 def round_labels(r: int) -> str:
@@ -117,6 +136,61 @@ def round_labels(r: int) -> str:
 def round_predictions(r: int) -> str:
     """Predictions of round ``r``'s model on the training images, from which round ``r + 1``'s labels are made."""
     return f"{selftrain_round(r + 1)}/predictions"
+
+
+def finetune_dir(init: str, fraction: float) -> str:
+    """``finetune/<init>-<fraction>``: one fine-tuning run (its markers, labels, model, predictions, scores)."""
+    if init not in FINETUNE_INITS:
+        raise ValueError(f"finetune init must be one of {FINETUNE_INITS}, got {init!r}")
+    return f"{FINETUNE}/{init}-{fraction:g}"
+
+
+def finetune_init(folder: str) -> str:
+    """The init of a :func:`finetune_dir` folder (``finetune/u2seg-0.05`` -> ``u2seg``)."""
+    head, _, name = folder.partition("/")
+    init = name.partition("-")[0]
+    if head != FINETUNE or init not in FINETUNE_INITS:
+        raise ValueError(f"{folder!r} is not a fine-tuning folder ({FINETUNE}/<init>-<fraction>)")
+    return init
+
+
+def finetune_labels(folder: str) -> str:
+    """The labeled subset the run trains on, a label set with the real categories."""
+    return f"{folder}/labels"
+
+
+def finetune_categories(folder: str) -> str:
+    """The real categories in the model's order and the model -> ground-truth id map."""
+    return f"{folder}/categories.json"
+
+
+def finetune_subset(folder: str) -> str:
+    """Which labeled images the fraction selected (file names, seed, counts)."""
+    return f"{folder}/subset.json"
+
+
+def finetune_train(folder: str) -> str:
+    """Ray Train's storage folder of the run (checkpoints), with metrics.jsonl, tensorboard/ and model.pt."""
+    return f"{folder}/{TRAIN}"
+
+
+def finetune_model(folder: str) -> str:
+    return trained_model(finetune_train(folder))
+
+
+def finetune_predict(folder: str) -> str:
+    """The fine-tuned model's predictions on the held-out images (a label set + ledger/)."""
+    return f"{folder}/{PREDICT}"
+
+
+def finetune_predict_inputs(folder: str) -> str:
+    """The held-out images (evaluate.images), listed like a manifest."""
+    return f"{finetune_predict(folder)}/inputs"
+
+
+def finetune_eval(folder: str) -> str:
+    """metrics.json, mapping.json and report.html of the identity-mapped evaluation."""
+    return f"{folder}/eval"
 
 
 def group_name(image_ids: Iterable[str]) -> str:

@@ -8,7 +8,14 @@ from u2seg.model.augment import (
     hflip,
     scale_jitter,
 )
-from u2seg.model.checkpoint import load_model, model_from_bytes, model_to_bytes, save_model
+from u2seg.model.checkpoint import (
+    load_model,
+    model_from_bytes,
+    model_to_bytes,
+    save_model,
+    transfer_from_bytes,
+    transfer_weights,
+)
 from u2seg.model.config import ModelConfig
 from u2seg.model.inference import Prediction, predict
 from u2seg.model.network import U2SegModel, build_model
@@ -41,4 +48,6 @@ __all__ = [
     "scale_jitter",
     "targets_from_labels",
     "train_step",
+    "transfer_from_bytes",
+    "transfer_weights",
 ]

@@ -64,6 +64,62 @@ def model_from_bytes(
     return model, payload["extra"]
 
 
+# The layers whose outputs are the classes (Detectron2's names in comments): the box classifier (cls_score,
+# one per cascade stage), the mask predictor's last conv (mask_fcn_logits: predictor), the semantic head's
+# last conv (predictor). A class-specific box regressor (bbox_pred with 4 x classes outputs) is one too.
+CLASS_LAYERS = ("cls_score", "mask_predictor.mask_fcn_logits", "semantic_head.predictor")
+CLASS_SPECIFIC_BOX_REGRESSOR = "bbox_pred"
+
+
+def is_class_layer(name: str, *, shapes_differ: bool = False) -> bool:
+    """Whether state-dict key ``name`` belongs to a layer that predicts the classes (re-initialised when the
+    classes change); a box regressor is one only when its shape depends on the classes (``shapes_differ``)."""
+    module = name.rsplit(".", 1)[0]
+    if any(module == c or module.endswith("." + c) for c in CLASS_LAYERS):
+        return True
+    return shapes_differ and (module.endswith("." + CLASS_SPECIFIC_BOX_REGRESSOR) or
+                              module == CLASS_SPECIFIC_BOX_REGRESSOR)
+
+
+def transfer_weights(model: U2SegModel, state: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+    """Load ``state`` (another model's weights, trained for other classes) into ``model``, except its class
+    layers, which keep ``model``'s own (fresh) initialisation: fine-tuning a self-trained model for new
+    categories keeps what it learned (backbone, FPN, RPN, box and mask trunks, semantic trunk) and starts
+    the class predictions anew. Any other key missing, extra or of another shape is an error: the
+    checkpoint is not this architecture. Returns the keys copied and those re-initialised."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    extra = sorted(set(state) - set(own))
+    if missing or extra:
+        raise ValueError(f"the checkpoint is another architecture: {len(missing)} key(s) missing (e.g. "
+                         f"{missing[:3]}), {len(extra)} unexpected (e.g. {extra[:3]})")
+    copied, fresh, wrong = [], [], []
+    for name, tensor in own.items():
+        differ = tuple(state[name].shape) != tuple(tensor.shape)
+        if is_class_layer(name, shapes_differ=differ):
+            fresh.append(name)
+        elif differ:
+            wrong.append(f"{name} {tuple(state[name].shape)} != {tuple(tensor.shape)}")
+        else:
+            copied.append(name)
+    if wrong:
+        raise ValueError(f"the checkpoint is another architecture: {len(wrong)} layer(s) of another shape, "
+                         f"e.g. {wrong[:3]}")
+    with torch.no_grad():
+        for name in copied:
+            own[name].copy_(state[name].to(own[name].device, own[name].dtype))
+    return {"copied": copied, "reinitialised": fresh}
+
+
+def transfer_from_bytes(data: bytes, model: U2SegModel, *, map_location: str | torch.device = "cpu"
+                        ) -> dict[str, list[str]]:
+    """:func:`transfer_weights` from a ``model_to_bytes`` checkpoint (its optimizer state is not used)."""
+    payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    if payload.get("format") != FORMAT_VERSION:
+        raise ValueError(f"unsupported checkpoint format {payload.get('format')!r}")
+    return transfer_weights(model, payload["model"])
+
+
 def save_model(
     model: U2SegModel,
     uri: str,

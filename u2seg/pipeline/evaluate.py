@@ -98,6 +98,8 @@ PROTOCOL_NOTES = {
     "u2seg": "U2Seg's evaluation code: box-IoU votes map things, per-image IoU votes map stuff (many-to-one); "
              "PQ with stuff segments apart; mIoU over 'things' + gt stuff classes with unmapped pixels "
              "ignored (semantic_inplace: U2Seg's in-place relabel); box AP only",
+    "identity": "the model's classes are the ground truth's own (fine-tuned on labels): a fixed id map, no "
+                "matching; PQ with stuff merged per class; mask and box AP",
 }
 
 
@@ -157,15 +159,17 @@ class _Instances:
     skipped: str | None = None
 
 
-def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: str) -> dict[str, Any]:
+def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: str, *,
+                       identity: Mapping[int, int] | None = None) -> dict[str, Any]:
     """Score ``labels`` against the configured labeled set under every configured protocol; write metrics,
-    mappings and report to ``out``.
+    mappings and report to ``out``. With ``identity`` (label-set id -> gt id: a model trained on the gt's own
+    categories) the one protocol is ``identity``: that fixed map, no matching.
 
     Nothing is written until every number is computed, so a failed evaluation leaves the previous
     results of ``out`` as they were.
     """
     evaluate_cfg = cfg.evaluate
-    protocols = list(evaluate_cfg.protocols)
+    protocols = ["identity"] if identity is not None else list(evaluate_cfg.protocols)
     storage = cfg.run.storage.storage_options()
     retry_s = cfg.run.storage.retry_s
     gt_json_uri, gt_dir_uri = gt_locations(evaluate_cfg, storage)
@@ -205,6 +209,9 @@ def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: s
     records: dict[str, dict[str, Any]] = {}
     tile_mappings: dict[str, dict[int, int]] = {}
     for name in protocols:
+        if name == "identity":
+            blocks[name], records[name], tile_mappings[name] = score_identity(ev, identity or {})
+            continue
         score = score_u2seg if name == "u2seg" else score_overlap
         blocks[name], records[name], tile_mappings[name] = score(ev, name, labels)
     metrics: dict[str, Any] = {
@@ -239,6 +246,27 @@ def score_overlap(ev: _Evidence, name: str, labels: LabelSet) -> tuple[dict, dic
     if instance is not None:
         block["instance"] = instance
     return block, mapping_record(ev.conf, mapping, name, ev.gt_cats), mapping
+
+
+def score_identity(ev: _Evidence, identity: Mapping[int, int]) -> tuple[dict, dict, dict[int, int]]:
+    """A model of the gt's own categories: (metrics block, mapping.json record, panoptic mapping) with the
+    fixed id map ``identity``, scored as the overlap protocols score (PQ, semantic, mask and box AP)."""
+    gt_ids = {int(c["id"]) for c in ev.gt_cats}
+    unknown = sorted(g for g in identity.values() if int(g) not in gt_ids)
+    if unknown:
+        raise ValueError(f"the fixed category map names ids the ground truth does not have: {unknown[:10]}; is "
+                         "evaluate.gt_panoptic_json a set of the same categories as the training labels?")
+    mapping = {int(p): int(g) for p, g in identity.items()}
+    block: dict[str, Any] = {
+        "summary": {"mapping": "identity", "mapped_categories": len(mapping),
+                    "matched_pixel_fraction": matched_pixel_fraction(ev.conf, mapping)},
+        "panoptic": ev.panoptic(mapping, merge_stuff=True),
+        "semantic": semantic_metrics(ev.conf, mapping),
+    }
+    instance = _instance_block(ev, mapping, iou_types=("segm", "bbox"), agnostic=True)
+    if instance is not None:
+        block["instance"] = instance
+    return block, mapping_record(ev.conf, mapping, "identity", ev.gt_cats), mapping
 
 
 def score_u2seg(ev: _Evidence, name: str, labels: LabelSet) -> tuple[dict, dict, dict[int, int]]:
@@ -338,21 +366,29 @@ def gt_locations(evaluate_cfg: EvaluateConfig, storage_options: Mapping[str, Any
 
     That default is the COCO layout (panoptic_val2017.json + panoptic_val2017/) and the synthetic one.
     """
-    if not evaluate_cfg.gt_panoptic_json:
-        raise ConfigError("evaluate.gt_panoptic_json", evaluate_cfg.gt_panoptic_json,
-                          "the COCO panoptic JSON (local path or s3:// URI) of the labeled set to evaluate "
-                          "against, with evaluate.gt_panoptic_dir for its PNGs")
-    if evaluate_cfg.gt_panoptic_dir:
-        return evaluate_cfg.gt_panoptic_json, evaluate_cfg.gt_panoptic_dir
-    guess = evaluate_cfg.gt_panoptic_json[:-5] if evaluate_cfg.gt_panoptic_json.endswith(".json") else ""
+    return panoptic_locations(evaluate_cfg.gt_panoptic_json, evaluate_cfg.gt_panoptic_dir, storage_options,
+                              "evaluate", "evaluate against")
+
+
+def panoptic_locations(json_uri: str | None, dir_uri: str | None, storage_options: Mapping[str, Any],
+                       section: str, purpose: str) -> tuple[str, str]:
+    """(panoptic JSON, PNG folder) of a COCO panoptic set named by ``<section>.gt_panoptic_json`` and
+    ``<section>.gt_panoptic_dir``; the folder defaults to the JSON's name without .json (COCO's layout)."""
+    if not json_uri:
+        raise ConfigError(f"{section}.gt_panoptic_json", json_uri,
+                          f"the COCO panoptic JSON (local path or s3:// URI) of the labeled set to {purpose}, "
+                          f"with {section}.gt_panoptic_dir for its PNGs")
+    if dir_uri:
+        return json_uri, dir_uri
+    guess = json_uri[:-5] if json_uri.endswith(".json") else ""
     if guess:
         fs, path = fsspec.core.url_to_fs(guess, **dict(storage_options))
         if fs.isdir(path):
-            log.info("evaluate.gt_panoptic_dir not set: using %s", guess)
-            return evaluate_cfg.gt_panoptic_json, guess
-    raise ConfigError("evaluate.gt_panoptic_dir", evaluate_cfg.gt_panoptic_dir,
+            log.info("%s.gt_panoptic_dir not set: using %s", section, guess)
+            return json_uri, guess
+    raise ConfigError(f"{section}.gt_panoptic_dir", dir_uri,
                       "the folder (local path or s3:// URI) of the ground-truth panoptic PNGs named in "
-                      "evaluate.gt_panoptic_json")
+                      f"{section}.gt_panoptic_json")
 
 
 def accumulate_overlap(pairs: Sequence[Pair], gt_dir: PanopticDir, pred_dir: PanopticDir, *,

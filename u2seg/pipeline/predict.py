@@ -152,17 +152,20 @@ def _select_todo(batch: pa.Table, done: pa.Array, ok_only: bool) -> pa.Table:
 
 
 def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, inputs: str,
-                   stage: str = "predict", *, min_instance_score: float = 0.0) -> dict[str, Any]:
-    """Predict with round ``round_idx``'s model every image listed in ``inputs`` (a run-root folder of
-    manifest-like parts, or the extract ledger, whose ok images are taken) not yet in ``<out>/ledger``; its
+                   stage: str = "predict", *, min_instance_score: float = 0.0, model_rel: str | None = None,
+                   classes: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Predict with round ``round_idx``'s model (or the model at ``model_rel``, with ``classes`` = (things,
+    stuff) of its label set, default the clustered run's) every image listed in ``inputs`` (a run-root folder
+    of manifest-like parts, or the extract ledger, whose ok images are taken) not yet in ``<out>/ledger``; its
     progress goes to ``stage``'s ``_PROGRESS.json`` (self-training predicts inside the train stage); its
     instances are the detections scoring at least ``min_instance_score``, with full masks."""
     import ray
 
-    model_rel = layout.round_model(round_idx)
+    what = f"round {round_idx}" if model_rel is None else model_rel
+    model_rel = model_rel or layout.round_model(round_idx)
     if not root.exists(model_rel):
         raise FileNotFoundError(f"no trained model {root.join(model_rel)}: run `u2seg train` first")
-    k_things, k_stuff = layout.class_counts(root)
+    k_things, k_stuff = classes or layout.class_counts(root)
     labels = LabelSet(root, out, k_things, k_stuff)
     orphans = _remove_uncommitted(root, labels, out)
     done = _ledger_ids(root, out)
@@ -170,7 +173,7 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, in
     from_ledger = inputs == layout.LEDGER
     pc_cfg = cfg.predict
     gpus = pc_cfg.gpus_per_actor or (1.0 if cfg.run.device != "cpu" and ray.cluster_resources().get("GPU", 0) else 0)
-    log.info("predict round %d into %s: %d listed, %d already done, %d orphan group(s) removed", round_idx, out,
+    log.info("predict %s into %s: %d listed, %d already done, %d orphan group(s) removed", what, out,
              total, len(done), orphans)
     sums = {"images": 0, "errors": 0, "instances": 0}
     paths = root.parquet_paths(inputs)
@@ -186,14 +189,14 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, in
                             fn_constructor_kwargs={"root": root, "model_rel": model_rel, "out": out,
                                                    "cfg_dict": cfg.to_dict(),
                                                    "min_instance_score": min_instance_score})
-        with Progress(max(0, total - len(done)), f"predict round {round_idx}", unit="img", root=root, stage=stage,
+        with Progress(max(0, total - len(done)), f"predict {what}", unit="img", root=root, stage=stage,
                       every_s=cfg.run.progress_every_s) as bar:
             for row in ds.iter_rows():
                 for k in sums:
                     sums[k] += int(row[k])
                 bar.update(int(row["images"]), errors={"model or decode": int(row["errors"])}
                            if int(row["errors"]) else None)
-    counts = labels.finish(f"u2seg predictions of round {round_idx}", cfg.label.coco_max_images)
+    counts = labels.finish(f"u2seg predictions of {what}", cfg.label.coco_max_images)
     errors = root.read_parquet(f"{out}/ledger", columns=["status"], schema=PREDICT_LEDGER_SCHEMA)
     n_errors = int(pc.sum(pc.equal(errors.column("status"), "error")).as_py() or 0) if errors.num_rows else 0
     if errors.num_rows and n_errors / errors.num_rows > cfg.run.max_error_fraction:
@@ -207,21 +210,28 @@ def predict_images(cfg: U2SegConfig, root: RunRoot, round_idx: int, out: str, in
 def run_predict(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     """The predict stage: the latest finished round's predictions into ``predict/``, on the held-out images
     (``evaluate.images``, listed into ``predict/inputs/``) or, when none are set, on the training images."""
-    from u2seg.pipeline.manifest import list_images
-
     r = layout.latest_round(root)
     if r < 0:
         raise FileNotFoundError(f"no trained model in {root.join(layout.TRAIN)}: run `u2seg train` first")
     inputs = layout.LEDGER
     if cfg.evaluate.images:
         inputs = layout.PREDICT_INPUTS
-        listed = list_images(cfg, root, cfg.evaluate.images, inputs, "evaluate.images")
-        seen = layout.marker(layout.PREDICT, "inputs.json")
-        if root.exists(seen) and root.read_json(seen).get("fingerprint") != listed["output_fingerprint"]:
-            log.info("predict: the held-out images changed since the last predictions: predicting them anew")
-            LabelSet(root, layout.PREDICT).clear()
-            root.remove(f"{layout.PREDICT}/ledger", recursive=True)
-        root.write_json(seen, {"fingerprint": listed["output_fingerprint"], "images": listed["images"]})
-        log.info("predict: %d held-out images listed from %s", listed["images"], cfg.evaluate.images)
+        list_held_out(cfg, root, layout.PREDICT, inputs)
     stats = predict_images(cfg, root, r, layout.PREDICT, inputs)
     return {**stats, "held_out": bool(cfg.evaluate.images)}
+
+
+def list_held_out(cfg: U2SegConfig, root: RunRoot, out: str, inputs: str) -> dict[str, Any]:
+    """List ``evaluate.images`` into ``inputs`` (manifest-like parts) for predictions into ``out``; when the
+    listing changed since ``out``'s last predictions, those are removed so the new images are predicted anew."""
+    from u2seg.pipeline.manifest import list_images
+
+    listed = list_images(cfg, root, cfg.evaluate.images, inputs, "evaluate.images")
+    seen = layout.marker(out, "inputs.json")
+    if root.exists(seen) and root.read_json(seen).get("fingerprint") != listed["output_fingerprint"]:
+        log.info("predict: the held-out images changed since the last predictions: predicting them anew")
+        LabelSet(root, out).clear()
+        root.remove(f"{out}/ledger", recursive=True)
+    root.write_json(seen, {"fingerprint": listed["output_fingerprint"], "images": listed["images"]})
+    log.info("predict: %d held-out images listed from %s", listed["images"], cfg.evaluate.images)
+    return listed

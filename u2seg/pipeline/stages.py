@@ -118,7 +118,21 @@ EVALUATION_STAGES = ("evaluate", "evaluate_model")
 MODEL_STAGES = ("train", "predict", "evaluate_model")
 
 
+def finetune_stage(folder: str) -> Stage:
+    """The fine-tuning run in ``folder`` (``finetune/<init>-<fraction>``, ``layout.finetune_dir``) as a stage of
+    its own: each (init, fraction) has its markers, its hash and its outputs, so runs of several fractions sit
+    side by side in one run root. ``init=u2seg`` reads the train stage's final model (and so its whole upstream
+    config); ``init=backbone`` reads nothing of the run root."""
+    init = layout.finetune_init(folder)
+    own = ("train", "predict", "evaluate", "finetune")
+    return Stage(folder, folder, (folder,), (*_UP_TO_LABEL, *own) if init == "u2seg" else own,
+                 ("train",) if init == "u2seg" else (), "u2seg.pipeline.finetune:run_finetune", True, "reset",
+                 "fine-tune on a labeled fraction of a labeled set, predict and score the held-out set")
+
+
 def stage(name: str) -> Stage:
+    if name.startswith(layout.FINETUNE + "/"):
+        return finetune_stage(name)
     try:
         return BY_NAME[name]
     except KeyError:

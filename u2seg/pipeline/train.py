@@ -135,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    from u2seg.model import augment_batch, model_from_bytes, model_to_bytes, targets_from_labels
+    from u2seg.model import augment_batch, model_from_bytes, model_to_bytes, targets_from_labels, transfer_from_bytes
     from u2seg.pipeline.scalars import open_scalars
 
     cfg = config_from_dict(config["cfg"])
@@ -161,6 +161,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler.load_state_dict(extra["grad_scaler"])
         if rank == 0:
             log.info("train: resumed from checkpoint at step %d", step)
+    elif config.get("init_model_rel") and config.get("init_transfer"):  # fine-tuning for other classes
+        moved = transfer_from_bytes(config["root"].read_bytes(config["init_model_rel"]), model, map_location=device)
+        if rank == 0:
+            log.info("train: initialised from %s: %d tensors kept, class layers re-initialised (%s)",
+                     config["init_model_rel"], len(moved["copied"]), ", ".join(moved["reinitialised"]))
     elif config.get("init_model_rel"):  # a self-training round starts from the previous round's model (CutLER)
         model_from_bytes(config["root"].read_bytes(config["init_model_rel"]), map_location=device, model=model)
         if rank == 0:
@@ -226,6 +231,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str, Any]:
     """Train ``train/round-R`` on its label set; resumes a killed or rerun round from its checkpoint."""
+    k_things, k_stuff = layout.class_counts(root)
+    prev = layout.round_model(round_idx - 1)
+    stats = fit_model(cfg, root, name=layout.round_name(round_idx), storage_dir=layout.TRAIN,
+                      label_dir=layout.round_labels(round_idx), k_things=k_things, k_stuff=k_stuff,
+                      init_model_rel=prev if round_idx > 0 and root.exists(prev) else None, stage="train")
+    return {"round": round_idx, **stats}
+
+
+def fit_model(cfg: U2SegConfig, root: RunRoot, *, name: str, storage_dir: str, label_dir: str, k_things: int,
+              k_stuff: int, init_model_rel: str | None = None, init_transfer: bool = False,
+              stage: str = "train") -> dict[str, Any]:
+    """Train ``cfg.train`` on the label set ``label_dir`` into ``<storage_dir>/<name>/`` (Ray Train's
+    checkpoints, ``metrics.jsonl``, ``tensorboard/``, ``model.pt``); resumes a killed or rerun run from its
+    checkpoint. It starts from ``init_model_rel`` when given: all of it (a self-training round), or with
+    ``init_transfer`` all but its class layers (fine-tuning for other classes). Progress goes to ``stage``'s
+    ``_PROGRESS.json``."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -234,28 +255,25 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
 
     train_cfg = cfg.train
     require_mlflow(train_cfg.mlflow_uri)
-    k_things, k_stuff = layout.class_counts(root)
-    label_dir = layout.round_labels(round_idx)
     rows = label_set_rows(LabelSet(root, label_dir, k_things, k_stuff),
                           skip_without_things=train_cfg.images_without_things == "skip")
     gpus = ray.cluster_resources().get("GPU", 0)
     use_gpu = train_cfg.use_gpu == "yes" or (train_cfg.use_gpu == "auto" and gpus >= train_cfg.num_workers)
-    name = layout.round_name(round_idx)
-    progress = StageProgress(root, "train", train_cfg.steps, "step", phase=f"train {name}", start_done=None,
+    folder = layout.part(storage_dir, name)
+    progress = StageProgress(root, stage, train_cfg.steps, "step", phase=f"train {name}", start_done=None,
                              every_s=cfg.run.progress_every_s)
-    prev = layout.round_model(round_idx - 1)
-    init = prev if round_idx > 0 and root.exists(prev) else None
     run_config = ray.train.RunConfig(
-        name=name, storage_path=root.path(layout.TRAIN),
+        name=name, storage_path=root.path(storage_dir),
         storage_filesystem=None if root.is_local else root.pyarrow_fs(),
         failure_config=ray.train.FailureConfig(max_failures=train_cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2), callbacks=progress_callbacks(progress))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "k_things": k_things, "k_stuff": k_stuff, "root": root,
-                           "rows": ray.put(rows), "use_gpu": use_gpu, "metrics_rel": layout.round_metrics(round_idx),
-                           "tensorboard_rel": layout.round_tensorboard(round_idx),
-                           "model_rel": layout.round_model(round_idx), "cpu_threads": 1, "init_model_rel": init},
+                           "rows": ray.put(rows), "use_gpu": use_gpu, "metrics_rel": layout.training_metrics(folder),
+                           "tensorboard_rel": layout.training_tensorboard(folder),
+                           "model_rel": layout.trained_model(folder),
+                           "cpu_threads": 1, "init_model_rel": init_model_rel, "init_transfer": init_transfer},
         scaling_config=ray.train.ScalingConfig(num_workers=train_cfg.num_workers, use_gpu=use_gpu,
                                                resources_per_worker=None if use_gpu else {"CPU": 1}),
         run_config=run_config,
@@ -266,8 +284,8 @@ def run_train_round(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str
     wall = time.time() - t0
     final = dict(result.metrics or {})
     progress.finish(int(final.get("step", 0)), start_done=final.get("start_step"))
-    log.info("train %s: %s", name, {k: final.get(k) for k in ("step", "loss_total")})
-    return {"round": round_idx, "steps": int(final.get("step", 0)), "loss_total": final.get("loss_total"),
+    log.info("train %s: %s", folder, {k: final.get(k) for k in ("step", "loss_total")})
+    return {"steps": int(final.get("step", 0)), "loss_total": final.get("loss_total"),
             "train_images": len(rows), "workers": train_cfg.num_workers, "use_gpu": use_gpu,
             "train_seconds": round(wall, 1), "label_dir": label_dir,
             "samples_per_s": final.get("images_per_s")}
