@@ -39,31 +39,36 @@ HEADLINE = ("pq", "sq", "rq", "pq_things", "pq_stuff", "miou", "pixel_accuracy",
             "ap_segm", "ap50_segm", "ap_bbox", "ap50_bbox", "ap_agnostic_segm", "mapped_categories")
 
 # Pseudo-labels from a random-init ViT-S/8 (DINO's architecture, no weights: nothing is downloaded) on small
-# images: MaskCut at 128 px, U2Seg's crop descriptors, a STEGO stuff head trained for a few steps, and as many
-# clusters as the world has classes (6 things, 5 stuff).
+# images: MaskCut at 128 px, U2Seg's crop descriptors, a STEGO stuff head trained for a few steps (the demo's), and
+# as many clusters as the world has classes (6 things, 5 stuff).
 LABEL_SETTINGS = [
     "extract.backbone=vit_small_patch8_224.dino", "extract.weights=none", "extract.image_size=128",
-    "extract.n_masks=3", "extract.batch_size=4", "extract.rows_per_part=16", "extract.amp=none",
+    "extract.n_masks=3", "extract.batch_size=4", "extract.rows_per_part=8", "extract.amp=none",
+    "extract.num_actors=2", "extract.min_actors=2",
     "extract.descriptor=crop_cls", "extract.crop_size=64",
-    "stuff.method=stego", "stuff.k=5", "stuff.steps=30", "stuff.batch_size=4", "stuff.crop_size=64",
-    "stuff.neighbors=3", "stuff.train_images=32",
+    "stuff.method=stego", "stuff.k=5", "stuff.steps=20", "stuff.batch_size=4", "stuff.crop_size=64",
+    "stuff.neighbors=3", "stuff.train_images=16",
     "cluster.things_k=6", "cluster.niter=15", "cluster.num_shards=2",
     "label.thing_order=bbox_area", "label.stuff_overlap_drop=0.7", "label.min_stuff_area=0",
     "label.min_thing_area=0", "run.max_error_fraction=0.5",
 ]
-# A detector small enough to train enough steps on two shared CPU cores: ResNet-18 + FPN from scratch at 160 px,
-# Mask R-CNN's standard heads, AdamW with a warmup. Round 1 trains as many steps again, from round 0's model.
+# A detector small enough to train on two shared CPU cores: ResNet-18 + FPN from scratch at 128 px with small heads
+# (128 sampled proposals, 128-channel pyramid and mask head of 2 convs, 256-wide box head; Detectron2's sizes cost
+# ~5x more per step on CPU), Mask R-CNN's standard heads, AdamW at 1e-3 with a short warmup, 2 DDP workers of one
+# image each (one thread each). Round 1 trains as many steps again, from round 0's model. A model trained this
+# briefly scores its detections low: they are painted into the panoptic, and taken by self-training, from 0.3.
 TRAIN_SETTINGS = [
-    "train.backbone=resnet18", "train.weights=none", "train.image_size=160", "train.batch_size=2",
-    "train.steps=1200", "train.optimizer=adamw", "train.lr=0.0003", "train.weight_decay=0.0001",
-    "train.warmup_steps=100", "train.warmup_factor=0.01", "train.clip=global", "train.clip_norm=1.0",
-    "train.roi_heads=standard", "train.checkpoint_every=400", "train.num_workers=1", "train.use_gpu=no",
-    "train.score_threshold=0.5", "train.max_failures=0",
+    "train.backbone=resnet18", "train.weights=none", "train.image_size=128", "train.num_workers=2",
+    "train.batch_size=1", "train.steps=120", "train.optimizer=adamw", "train.lr=0.001", "train.weight_decay=0.0001",
+    "train.warmup_steps=20", "train.warmup_factor=0.01", "train.clip=global", "train.clip_norm=1.0",
+    "train.roi_heads=standard", "train.roi_batch_size=128", "train.fpn_channels=128", "train.box_head_dim=256",
+    "train.mask_head_convs=2", "train.checkpoint_every=40", "train.use_gpu=no", "train.max_failures=0",
+    "train.score_threshold=0.3", "predict.panoptic_score_threshold=0.3", "predict.rows_per_part=8",
+    "predict.num_actors=2", "predict.min_actors=2",
 ]
 QUICK_SETTINGS = [
     "extract.image_size=64", "stuff.method=kmeans", "extract.descriptor=mask_pool", "extract.n_masks=2",
-    "train.image_size=96", "train.steps=20", "train.warmup_steps=5", "train.checkpoint_every=20",
-    "train.score_threshold=0.0",
+    "train.image_size=96", "train.steps=4", "train.warmup_steps=2", "train.checkpoint_every=4",
 ]
 
 
@@ -134,8 +139,8 @@ def bench_selftrain(*, quick: bool = False, n_train: int | None = None, n_heldou
     """
     import ray
 
-    n_train = n_train or (8 if quick else 48)
-    n_heldout = n_heldout or (4 if quick else 24)
+    n_train = n_train or (6 if quick else 32)
+    n_heldout = n_heldout or (3 if quick else 16)
     min_size, max_size = (96, 128) if quick else (128, 192)
     if work is None:
         with tempfile.TemporaryDirectory(prefix="u2seg-bench-selftrain-") as tmp:
