@@ -105,12 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks; each writes JSON and prints a table")
     p.add_argument("what", choices=["maskcut", "extract", "cluster", "train", "manifest", "refine", "stuff", "scale",
-                                   "finetune"])
-    p.add_argument("--out", default="bench-results", help="folder or s3:// prefix for the JSON")
+                                   "finetune", "selftrain"])
+    p.add_argument("--out", default="bench-results", help="folder or s3:// prefix for the JSON, or a .json file")
     p.add_argument("--n", type=int, default=None, help="problem size (images, vectors, keys)")
     p.add_argument("--image-size", type=int, default=None)
     p.add_argument("--backbone", default=None)
     p.add_argument("--quick", action="store_true", help="a small run that finishes in seconds")
+    p.add_argument("--work", default=None, help="selftrain: keep the worlds and the run root in this folder (a "
+                   "rerun with other overrides reruns only the stages they change); default: a temporary one")
+    p.add_argument("--override", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="selftrain: dotted config overrides of its settings, e.g. --override train.steps=600")
 
     p = sub.add_parser("config", help="print the resolved config, or every knob with --explain")
     _add_config_args(p)

@@ -315,6 +315,14 @@ class TrainConfig:
         "stages at IoU 0.5/0.6/0.7 (U2Seg's, CutLER's)")
     semantic_loss_weight: float = knob(0.5, "weight of the semantic head's loss (Panoptic FPN's, U2Seg's: 0.5)",
                                        _non_negative, ">= 0")
+    roi_batch_size: int = knob(512, "proposals sampled per image for the ROI box loss (Detectron2's, U2Seg's: "
+                               "512); fewer make CPU steps cheaper", _positive, "a positive integer")
+    fpn_channels: int = knob(256, "channels of the feature pyramid and the mask head (Detectron2's: 256)",
+                             _positive, "a positive integer")
+    box_head_dim: int = knob(1024, "width of the box head's two fully connected layers (Detectron2's: 1024)",
+                             _positive, "a positive integer")
+    mask_head_convs: int = knob(4, "3x3 convolutions of the mask head (Mask R-CNN's: 4)", _positive,
+                                "a positive integer")
     checkpoint_every: int = knob(100, "steps between checkpoints", _positive, "a positive integer")
     max_failures: int = knob(2, "worker failures tolerated (resume from last checkpoint)", _non_negative,
                              ">= 0")
@@ -356,6 +364,10 @@ class PredictConfig:
     gpus_per_actor: float = knob(0.0, "GPUs per actor; 0 = one when the cluster has GPUs, else CPU", _non_negative,
                                  ">= 0")
     cpus_per_actor: float = knob(1.0, "CPUs reserved per actor", _positive, "> 0")
+    panoptic_score_threshold: float = knob(
+        0.5, "detections scoring at least this are painted into the panoptic prediction (Panoptic FPN's combine "
+        "threshold, U2Seg's: 0.5); a briefly trained model scores lower; the instances keep every detection",
+        _fraction, "a fraction in [0, 1]")
 
 
 @dataclass

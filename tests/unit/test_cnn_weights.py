@@ -75,3 +75,12 @@ def test_missing_file_is_reported(tmp_path):
 
     with pytest.raises(WeightsError, match="not found"):
         build_model(cfg(str(tmp_path / "nope.pth")))
+
+
+def test_random_init_resnet_keeps_its_residual_branches() -> None:
+    """BN is frozen; timm's zero-initialised last BN scale of each block would then stay 0 for ever and a
+    from-scratch ResNet would train only its stem and shortcuts."""
+    model = build_model(cfg("none"))
+    scales = {k: v for k, v in model.detector.backbone.body.state_dict().items()
+              if k.startswith("layer") and k.endswith("bn2.weight")}
+    assert len(scales) == 8 and all(float(v.abs().min()) > 0 for v in scales.values())

@@ -91,6 +91,28 @@ def test_model_config_carries_the_recipe() -> None:
     m = model_config(cfg, K_THINGS, K_STUFF)
     assert (m.roi_heads, m.semantic_loss_weight, m.amp, m.drop_loss_iou) == ("cascade", 0.25, "fp16", 0.0)
     assert (m.num_thing_classes, m.num_stuff_classes) == (K_THINGS, K_STUFF)
+    assert (m.box_batch_size_per_image, m.pyramid_channels, m.representation_size, m.mask_head_layers) == (
+        512, 256, 1024, (256, 256, 256, 256))  # Detectron2's head sizes unless asked otherwise
+    small = model_config(load_config(None, ["train.roi_batch_size=64", "train.fpn_channels=96",
+                                            "train.box_head_dim=128", "train.mask_head_convs=2"]), K_THINGS, K_STUFF)
+    assert (small.box_batch_size_per_image, small.pyramid_channels, small.representation_size,
+            small.mask_head_layers) == (64, 96, 128, (96, 96))
+
+
+def test_predict_paints_things_at_the_configured_score(tmp_path) -> None:
+    """predict.panoptic_score_threshold replaces the checkpoint's combine threshold (a briefly trained model's
+    detections score below Panoptic FPN's 0.5 and would never reach the panoptic)."""
+    from u2seg.io import RunRoot
+    from u2seg.pipeline.predict import PredictActor
+
+    small = ModelConfig(backbone="resnet18", num_thing_classes=K_THINGS, num_stuff_classes=K_STUFF,
+                        pyramid_channels=16, representation_size=32, mask_head_layers=(16,), semantic_conv_dims=8)
+    root = RunRoot(str(tmp_path))
+    root.write_bytes("train/round-0/model.pt", model_to_bytes(build_model(small)))
+    cfg = load_config(None, ["predict.panoptic_score_threshold=0.3"])
+    actor = PredictActor(root, "train/round-0/model.pt", "predict", cfg.to_dict())
+    assert actor.model.cfg.panoptic_score_thresh == 0.3
+    assert load_config(None, []).predict.panoptic_score_threshold == small.panoptic_score_thresh == 0.5
 
 
 # ---------------------------------------------------------------- clipping

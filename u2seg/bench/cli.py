@@ -51,6 +51,8 @@ def print_table(title: str, result: dict[str, Any]) -> None:
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     what = args.what
+    if getattr(args, "overrides", None) and what != "selftrain":
+        raise ValueError(f"bench {what} takes no config overrides")
     if what == "maskcut":
         from u2seg.bench.maskcut import bench_maskcut
 
@@ -108,11 +110,20 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                                 selftrain_steps=steps, finetune_steps=steps,
                                 image_size=args.image_size or (96 if args.quick else 128),
                                 backbone=args.backbone or "resnet18")
+    elif what == "selftrain":
+        from u2seg.bench.selftrain import bench_selftrain
+
+        result = bench_selftrain(quick=args.quick, n_train=args.n, overrides=args.overrides or (),
+                                 work=args.work)
     else:
         raise ValueError(what)
     result = {"benchmark": what, "machine": machine(), "wall_s": round(time.time() - t0, 2), **result}
-    out = RunRoot(args.out)
-    name = f"{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    if args.out.endswith(".json"):  # one named file
+        folder, _, name = args.out.rpartition("/")
+        out = RunRoot(folder or ".")
+    else:
+        out = RunRoot(args.out)
+        name = f"{what}-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_json(name, result)
     print_table(what, result)
     print(f"written: {out.join(name)}")

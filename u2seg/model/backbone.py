@@ -204,12 +204,18 @@ def build_pyramid_backbone(cfg: ModelConfig, storage_options: dict | None = None
         vit = _create_vit(cfg, storage_options)
         _freeze_vit(vit, cfg.freeze_backbone_blocks)
         return SimpleFeaturePyramid(vit, cfg.pyramid_channels)
+    extra = {}
+    if cfg.weights == "none" and cfg.backbone.split(".")[0].startswith("resnet"):
+        # timm zero-initialises each residual block's last BN scale; frozen, that zero would switch every
+        # residual branch of a from-scratch ResNet off for good (only the stem and shortcuts would train)
+        extra["zero_init_last"] = False
     body = timm.create_model(
         cfg.backbone,
         pretrained=cfg.weights == "timm",
         features_only=True,
         out_indices=(1, 2, 3, 4),
         drop_path_rate=cfg.drop_path_rate,
+        **extra,
     )
     if cfg.weights not in ("none", "timm"):
         from u2seg.features.weights import read_state_dict

@@ -74,6 +74,7 @@ class PredictActor:
         self.cfg = config_from_dict(cfg_dict)
         device = "cuda" if torch.cuda.is_available() and self.cfg.run.device != "cpu" else "cpu"
         self.model, _ = model_from_bytes(root.read_bytes(model_rel), map_location=device)
+        self.model.cfg.panoptic_score_thresh = self.cfg.predict.panoptic_score_threshold  # not the checkpoint's
         self.labels = LabelSet(root, out, self.model.cfg.num_thing_classes, self.model.cfg.num_stuff_classes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -43,6 +43,9 @@ def model_config(cfg: U2SegConfig, k_things: int, k_stuff: int) -> Any:
                        num_stuff_classes=k_stuff, image_size=224, min_size=min(800, train_cfg.image_size),
                        max_size=train_cfg.image_size, drop_loss_iou=train_cfg.drop_loss_iou,
                        roi_heads=train_cfg.roi_heads, semantic_loss_weight=train_cfg.semantic_loss_weight,
+                       box_batch_size_per_image=train_cfg.roi_batch_size, pyramid_channels=train_cfg.fpn_channels,
+                       representation_size=train_cfg.box_head_dim,
+                       mask_head_layers=(train_cfg.fpn_channels,) * train_cfg.mask_head_convs,
                        amp=train_cfg.amp, seed=cfg.run.seed)
 
 
@@ -291,6 +294,21 @@ def fit_model(cfg: U2SegConfig, root: RunRoot, *, name: str, storage_dir: str, l
             "samples_per_s": final.get("images_per_s")}
 
 
+def kept_round_stats(cfg: U2SegConfig, root: RunRoot, round_idx: int) -> dict[str, Any] | None:
+    """The stats of a round whose final ``model.pt`` is written (it finished with this config: any other change
+    resets the stage), from its ``metrics.jsonl``; None when it has to train. Rerunning with more
+    ``train.rounds`` thus starts no Ray Train worker group just to find round 0 at its last step."""
+    if not root.exists(layout.round_model(round_idx)) or not root.exists(layout.round_metrics(round_idx)):
+        return None
+    rows = [json.loads(line) for line in root.read_text(layout.round_metrics(round_idx)).splitlines() if line]
+    last = max((r for r in rows if r.get("rank", 0) == 0), key=lambda r: r["step"], default=None)
+    if last is None or int(last["step"]) < cfg.train.steps:
+        return None
+    log.info("train: %s already trained (step %d), kept", layout.round_name(round_idx), last["step"])
+    return {"round": round_idx, "steps": int(last["step"]), "loss_total": last.get("loss_total"), "kept": True,
+            "label_dir": layout.round_labels(round_idx)}
+
+
 def run_train(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
     """Round 0 on the pseudo-labels, then ``train.rounds`` self-training rounds (predict, relabel, train).
 
@@ -306,7 +324,7 @@ def run_train(cfg: U2SegConfig, root: RunRoot) -> dict[str, Any]:
             log.info("train: removing round %d (train.rounds=%d)", r, last)
             root.remove(layout.train_round(r), recursive=True)
             root.remove(layout.selftrain_round(r), recursive=True)
-    rounds = [run_train_round(cfg, root, 0)]
+    rounds = [kept_round_stats(cfg, root, 0) or run_train_round(cfg, root, 0)]
     for r in range(1, last + 1):
         if root.exists(layout.round_model(r)):
             log.info("train: self-training round %d already trained, kept", r)
