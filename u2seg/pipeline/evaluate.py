@@ -235,17 +235,7 @@ def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: s
 
 def score_overlap(ev: _Evidence, name: str, labels: LabelSet) -> tuple[dict, dict, dict[int, int]]:
     """The hungarian or majority protocol: (metrics block, mapping.json record, panoptic mapping)."""
-    mapping = compute_mapping(ev.conf, name, ev.pred_cats, ev.gt_cats)
-    block: dict[str, Any] = {
-        "summary": {"mapping": name, "mapped_categories": len(mapping),
-                    "matched_pixel_fraction": matched_pixel_fraction(ev.conf, mapping)},
-        "panoptic": ev.panoptic(mapping, merge_stuff=True),
-        "semantic": semantic_metrics(ev.conf, mapping),
-    }
-    instance = _instance_block(ev, mapping, iou_types=("segm", "bbox"), agnostic=True)
-    if instance is not None:
-        block["instance"] = instance
-    return block, mapping_record(ev.conf, mapping, name, ev.gt_cats), mapping
+    return _score_mapped(ev, compute_mapping(ev.conf, name, ev.pred_cats, ev.gt_cats), name)
 
 
 def score_identity(ev: _Evidence, identity: Mapping[int, int]) -> tuple[dict, dict, dict[int, int]]:
@@ -256,9 +246,13 @@ def score_identity(ev: _Evidence, identity: Mapping[int, int]) -> tuple[dict, di
     if unknown:
         raise ValueError(f"the fixed category map names ids the ground truth does not have: {unknown[:10]}; is "
                          "evaluate.gt_panoptic_json a set of the same categories as the training labels?")
-    mapping = {int(p): int(g) for p, g in identity.items()}
+    return _score_mapped(ev, {int(p): int(g) for p, g in identity.items()}, "identity")
+
+
+def _score_mapped(ev: _Evidence, mapping: dict[int, int], name: str) -> tuple[dict, dict, dict[int, int]]:
+    """PQ, semantic, mask and box AP under one prediction -> ground-truth category map."""
     block: dict[str, Any] = {
-        "summary": {"mapping": "identity", "mapped_categories": len(mapping),
+        "summary": {"mapping": name, "mapped_categories": len(mapping),
                     "matched_pixel_fraction": matched_pixel_fraction(ev.conf, mapping)},
         "panoptic": ev.panoptic(mapping, merge_stuff=True),
         "semantic": semantic_metrics(ev.conf, mapping),
@@ -266,7 +260,7 @@ def score_identity(ev: _Evidence, identity: Mapping[int, int]) -> tuple[dict, di
     instance = _instance_block(ev, mapping, iou_types=("segm", "bbox"), agnostic=True)
     if instance is not None:
         block["instance"] = instance
-    return block, mapping_record(ev.conf, mapping, "identity", ev.gt_cats), mapping
+    return block, mapping_record(ev.conf, mapping, name, ev.gt_cats), mapping
 
 
 def score_u2seg(ev: _Evidence, name: str, labels: LabelSet) -> tuple[dict, dict, dict[int, int]]:
