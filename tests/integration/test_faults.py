@@ -375,9 +375,12 @@ def _text(path: str) -> str:
 
 
 def _segments(root: RunRoot) -> dict[str, list]:
+    """Each image's segments, keyed by its PNG's name without the group folder (the two runs group differently)."""
+    import posixpath
+
     from u2seg.io.labelset import LabelSet, panoptic_entry
 
-    return {panoptic_entry(r)["file_name"]: r["segments"]
+    return {posixpath.basename(panoptic_entry(r)["file_name"]): r["segments"]
             for r in LabelSet(root, "labels").iter_rows(["coco_id", "png", "segments"])}
 
 
