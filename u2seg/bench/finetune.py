@@ -42,12 +42,12 @@ def bench_finetune(*, n_train: int = 40, n_held_out: int = 6, fraction: float = 
     from u2seg.bench.train import labelled_run_root
     from u2seg.data.synthetic import make_synthetic
     from u2seg.pipeline.finetune import finetune_folder
-    from u2seg.pipeline.ray_session import quiet_ray_data
+    from u2seg.pipeline.ray_session import quiet_ray_data, start_local_ray
     from u2seg.pipeline.run_stage import run_stage
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=4, logging_level=logging.WARNING, log_to_driver=False)
+        start_local_ray(attempts=8, num_cpus=4, logging_level=logging.WARNING, log_to_driver=False)  # a slow start
     quiet_ray_data()
     recipe = {"backbone": backbone, "image_size": image_size, "batch_size": 2, "num_workers": 1, "use_gpu": "no",
               "rounds": 0, "max_failures": 0, "checkpoint_every": max(selftrain_steps, finetune_steps)}
