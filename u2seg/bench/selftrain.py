@@ -100,12 +100,17 @@ def read_scores(root: RunRoot, folder: str) -> dict[str, Any]:
     return out
 
 
-def _timed(phases: dict[str, float], name: str, stage: str, cfg: U2SegConfig) -> dict[str, Any]:
+def _timed(phases: dict[str, float], reused: dict[str, Any], name: str, stage: str,
+           cfg: U2SegConfig) -> dict[str, Any]:
+    """Run one stage, timing it; a stage a kept work folder already holds is skipped by the runner, and the
+    wall time of the run that made it (its stats.json) goes to ``reused``."""
     from u2seg.pipeline.run_stage import run_stage
 
     t0 = time.time()
     stats = run_stage(stage, cfg)
     phases[name] = round(time.time() - t0, 2)
+    if stats.get("skipped"):
+        reused[name] = stats.get("wall_s")
     return stats
 
 
@@ -148,6 +153,7 @@ def bench_selftrain(*, quick: bool = False, n_train: int | None = None, n_heldou
     base = Path(work).resolve()
     base.mkdir(parents=True, exist_ok=True)
     phases: dict[str, float] = {}
+    reused: dict[str, Any] = {}
     t0 = time.time()
     world_a, world_b = make_worlds(base, n_train, n_heldout, min_size, max_size)
     phases["synth"] = round(time.time() - t0, 2)
@@ -162,18 +168,18 @@ def bench_selftrain(*, quick: bool = False, n_train: int | None = None, n_heldou
     try:
         counts: dict[str, Any] = {}
         for stage in LABEL_STAGES:
-            stats = _timed(phases, stage, stage, cfg_labels)
+            stats = _timed(phases, reused, stage, stage, cfg_labels)
             counts[stage] = {k: stats[k] for k in ("images", "manifest_images", "masks_assigned", "instances",
                                                     "segments_now") if k in stats}
-        _timed(phases, "evaluate_labels", "evaluate", cfg_labels)
+        _timed(phases, reused, "evaluate_labels", "evaluate", cfg_labels)
         labels = read_scores(root, "eval/labels")
-        _timed(phases, "train_round0", "train", cfg_round0)
-        _timed(phases, "predict_round0", "predict", cfg_round0)
-        _timed(phases, "evaluate_round0", "evaluate_model", cfg_round0)
+        _timed(phases, reused, "train_round0", "train", cfg_round0)
+        _timed(phases, reused, "predict_round0", "predict", cfg_round0)
+        _timed(phases, reused, "evaluate_round0", "evaluate_model", cfg_round0)
         round0 = read_scores(root, "eval/model")
-        train1 = _timed(phases, "selftrain_round1", "train", cfg_round1)  # predict A, relabel, train round 1
-        _timed(phases, "predict_round1", "predict", cfg_round1)
-        _timed(phases, "evaluate_round1", "evaluate_model", cfg_round1)
+        train1 = _timed(phases, reused, "selftrain_round1", "train", cfg_round1)  # predict A, relabel, train round 1
+        _timed(phases, reused, "predict_round1", "predict", cfg_round1)
+        _timed(phases, reused, "evaluate_round1", "evaluate_model", cfg_round1)
         round1 = read_scores(root, "eval/model")
         curves = {f"round{r}": _train_curve(root, r) for r in (0, 1)}
         relabel = next((r for r in train1.get("rounds", []) if r.get("round") == 1), {})
@@ -196,6 +202,7 @@ def bench_selftrain(*, quick: bool = False, n_train: int | None = None, n_heldou
             "predicted_images", "pred_things", "old_kept", "old_replaced")}},
         "stage_counts": counts,
         "phase_wall_s": phases,
+        "reused_stages_wall_s": reused,  # stages made by an earlier run in --work: their own wall time then
     }
 
 
