@@ -33,6 +33,18 @@ def test_settings_are_valid_knobs() -> None:
         assert cfg.extract.weights == "none" and cfg.train.use_gpu == "no"
 
 
+def test_the_held_out_labels_run_on_world_b_alone_with_world_a_stuff_head(tmp_path: Path) -> None:
+    a, b = tmp_path / "world-a", tmp_path / "world-b"
+    cfgs = selftrain.bench_configs(tmp_path, a, b, [*LABEL_SETTINGS, *TRAIN_SETTINGS])
+    held = cfgs["heldout_labels"]
+    assert held.run.run_root != cfgs["labels"].run.run_root == cfgs["round0"].run.run_root
+    assert [str(p) for p in held.manifest.inputs] == [f"{b}/images"]  # none of world A's images
+    assert held.stuff.checkpoint == f"{tmp_path}/run/stuff/head.pt"  # the stuff head world A trained
+    assert held.evaluate.gt_panoptic_json == cfgs["round0"].evaluate.gt_panoptic_json == f"{b}/gt/panoptic.json"
+    assert cfgs["labels"].evaluate.gt_panoptic_json == f"{a}/gt/panoptic.json"
+    assert cfgs["round0"].train.rounds == 0 and cfgs["round1"].train.rounds == 1
+
+
 def test_read_scores_takes_each_protocol_from_metrics_json(tmp_path: Path) -> None:
     root = RunRoot(str(tmp_path))
     root.write_json("eval/model/metrics.json", {"images": {"evaluated": 2, "gt": 2},
