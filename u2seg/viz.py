@@ -215,7 +215,7 @@ def category_names(root: RunRoot) -> dict[int, str]:
     """Pseudo category id -> ``thing_3`` style name, with the gt class it was mapped to when evaluated."""
     k_things, k_stuff = class_counts(root)
     names = {c["id"]: c["name"] for c in pseudo_categories(k_things, k_stuff)}
-    mapping = read_json_if(root, f"{layout.EVAL_LABELS}/mapping.json") or {}
+    mapping = read_json_if(root, layout.eval_mapping(layout.EVAL_LABELS)) or {}
     if "protocols" in mapping:  # the first (leading) protocol's mapping names the classes
         mapping = next(iter(mapping["protocols"].values()), {})
     for cid, gt_name in (mapping.get("mapped_names") or {}).items():
@@ -594,7 +594,7 @@ def training_curves(root: RunRoot, *, max_keys: int = 6, max_points: int = 5000)
 def eval_table(root: RunRoot) -> Table | Note:
     """Pseudo-labels (eval/labels/) and, once trained, the model (eval/model/) side by side, a column per
     (target, evaluation protocol), e.g. ``pseudo-labels/hungarian``; scores in %."""
-    sources = [(label, read_json_if(root, f"{folder}/metrics.json"))
+    sources = [(label, read_json_if(root, layout.eval_metrics(folder)))
                for label, folder in (("pseudo-labels", layout.EVAL_LABELS), ("model", layout.EVAL_MODEL))]
     sources = [(label, m) for label, m in sources if m is not None]
     if not sources:

@@ -94,7 +94,7 @@ def read_scores(root: RunRoot, folder: str) -> dict[str, Any]:
     """The evaluate stage's own numbers: image counts and each protocol's headline metrics from metrics.json."""
     from u2seg.evaluate.summary import block_stats, protocol_blocks
 
-    metrics = root.read_json(f"{folder}/metrics.json")
+    metrics = root.read_json(layout.eval_metrics(folder))
     out: dict[str, Any] = {"images": metrics["images"]}
     for name, block in protocol_blocks(metrics).items():
         flat = block_stats(block)
@@ -120,7 +120,7 @@ def _train_curve(root: RunRoot, round_idx: int) -> dict[str, Any]:
     """First / last recorded total loss of a round (is it learning at all?) and its steady step time."""
     import json
 
-    rows = [json.loads(line) for line in root.read_text(f"train/round-{round_idx}/metrics.jsonl").splitlines()
+    rows = [json.loads(line) for line in root.read_text(layout.round_metrics(round_idx)).splitlines()
             if line]
     rows = sorted((r for r in rows if r.get("rank", 0) == 0), key=lambda r: r["step"])
     tail = rows[-min(50, len(rows)):]

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from u2seg.io.runroot import RunRoot
 
 CONFIG = "config.yaml"
+LEASE = "_LEASE"  # one driver per run root: owner token, heartbeat, expiry (u2seg.pipeline.lease)
 
 # manifest: parts of listed images, and the links that could not be followed
 MANIFEST = "manifest"
@@ -30,6 +31,7 @@ MANIFEST_ERRORS = "manifest/errors"
 STUFF = "stuff"
 STUFF_HEAD = "stuff/head.pt"
 STUFF_TENSORBOARD = "stuff/tensorboard"  # TensorBoard event files of the head's training (rank 0)
+STUFF_METRICS = "stuff/metrics.jsonl"  # the head's loss curve, one JSON line per recorded step
 
 # extract: the ledger part (one row per input image, ok or error) is committed last for its group, so
 # an image is done iff it is in the ledger; the other tables' parts share the ledger part's name.
@@ -131,6 +133,21 @@ def round_tensorboard(r: int) -> str:
 def round_labels(r: int) -> str:
     """The label set round ``r`` trains on: the pseudo-labels for round 0, then self-training's merge."""
     return LABELS if r == 0 else f"{selftrain_round(r)}/labels"
+
+
+def eval_metrics(folder: str) -> str:
+    """An evaluation's metrics (one block per protocol) in ``folder`` (``EVAL_LABELS``, ``EVAL_MODEL``, ...)."""
+    return f"{folder}/metrics.json"
+
+
+def eval_mapping(folder: str) -> str:
+    """An evaluation's cluster -> category mapping per protocol."""
+    return f"{folder}/mapping.json"
+
+
+def eval_report(folder: str) -> str:
+    """An evaluation's static HTML report."""
+    return f"{folder}/report.html"
 
 
 def round_predictions(r: int) -> str:

@@ -187,7 +187,7 @@ def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: s
                     "pseudo-labels are scored only where their images overlap the ground truth; the model is "
                     "scored on evaluate.images")
             log.info("evaluate: %s", note)
-            root.write_json(f"{out}/metrics.json", {"images": counts, "note": note, "protocols": {}})
+            root.write_json(layout.eval_metrics(out), {"images": counts, "note": note, "protocols": {}})
             return {"images": 0, "note": note}
         raise ValueError(f"no image of {predictions_uri} ({counts['predictions']} images) matches a ground-truth "
                          f"image of {gt_json_uri} ({counts['gt']} images) by file-name stem: is "
@@ -225,9 +225,9 @@ def evaluate_label_set(cfg: U2SegConfig, root: RunRoot, labels: LabelSet, out: s
                         category_names={THINGS_ID: "things", **names},
                         thing_ids=[int(c["id"]) for c in gt_cats if c.get("isthing", 0)], mappings=tile_mappings,
                         protocol_notes={p: PROTOCOL_NOTES[p] for p in protocols})
-    root.write_json(f"{out}/mapping.json", {"protocols": records})
-    root.write_json(f"{out}/metrics.json", metrics)
-    root.write_bytes(f"{out}/report.html", html.encode("utf-8"))
+    root.write_json(layout.eval_mapping(out), {"protocols": records})
+    root.write_json(layout.eval_metrics(out), metrics)
+    root.write_bytes(layout.eval_report(out), html.encode("utf-8"))
     stats = flat_stats(metrics, labels.prefix)
     log.info("evaluate:\n%s", format_table(stats))
     return stats

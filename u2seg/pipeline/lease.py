@@ -24,11 +24,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from u2seg.errors import LeaseHeldError
-from u2seg.io import RunRoot
+from u2seg.io import RunRoot, layout
 
 log = logging.getLogger(__name__)
 
-LEASE = "_LEASE"
+LEASE = layout.LEASE
 VERIFY_PAUSE_S = 1.0
 
 _held: dict[str, RunLease] = {}  # run root URI -> the lease this process holds (re-entrant)
