@@ -118,3 +118,13 @@ def test_a_group_result_counts_its_error_rows_by_reason(tmp_path):
     out = write_group(batch, RunRoot(str(tmp_path)))
     assert out["errors"].tolist() == [3]
     assert json.loads(out["error_classes"][0]) == {"ImageDecodeError:truncated": 1, "ImageTooSmallError": 2}
+
+
+def test_decode_traffic_counts_what_crosses_the_object_store():
+    from u2seg.bench.extract import decode_traffic
+
+    out = decode_traffic(sizes=((320, 240), (2048, 1024)), max_side=512)
+    small, large = out["320x240"], out["2048x1024"]
+    assert small["ratio"] == 1.0 and small["working_copy_bytes"] > 320 * 240 * 3  # below max_side: sent as is
+    assert large["full_resolution_bytes"] > 2048 * 1024 * 3 and large["working_copy_bytes"] > 512 * 256 * 3
+    assert 15.0 < large["ratio"] < 16.0  # 2048x1024 -> 512x256: a 16th of the pixels, plus the row's columns

@@ -3,7 +3,9 @@
 The per-image work of one extract actor is timed on the synthetic world (no Ray, so the numbers are
 the work itself, not scheduling), in the same run: refinement off and on (the ratio is what the guided
 refinement costs), mask-pooled against object-crop CLS descriptors (the ratio is what U2Seg's second
-backbone pass over each mask's crop costs), plus fused (SDPA) against explicit attention for the backbone.
+backbone pass over each mask's crop costs), plus fused (SDPA) against explicit attention for the backbone,
+and the bytes per image a decode task hands the object store with and without the working copy
+(``extract.max_side``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,30 @@ def _phase_run(model: torch.nn.Module, images: list[np.ndarray], blobs: list[byt
             "seconds_per_image": {k: round(v / n, 4) for k, v in phases.items()}}
 
 
+def decode_traffic(sizes: tuple[tuple[int, int], ...] = ((640, 480), (2048, 1536), (4032, 3024)),
+                   max_side: int = 1024, seed: int = 0) -> dict[str, Any]:
+    """Bytes per image that cross the object store from a decode task to the MaskCut actors: the pickled output
+    of ``decode_batch`` (what Ray stores) with full-resolution arrays (``max_side=0``) and with the working copy."""
+    import pickle
+
+    import cv2
+
+    from u2seg.pipeline.extract_actor import decode_batch
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {"max_side": max_side}
+    with tempfile.TemporaryDirectory() as tmp:
+        for w, h in sizes:
+            small = rng.integers(0, 256, (max(1, h // 16), max(1, w // 16), 3), dtype=np.uint8)
+            path = Path(tmp, f"{w}x{h}.jpg")
+            cv2.imwrite(str(path), cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR))
+            batch = {"uri": np.array([str(path)]), "image_id": np.array(["x"]), "version": np.array(["v"])}
+            full, copy = (len(pickle.dumps(decode_batch(batch, {}, max_side=m), protocol=5)) for m in (0, max_side))
+            out[f"{w}x{h}"] = {"full_resolution_bytes": full, "working_copy_bytes": copy,
+                               "ratio": round(full / copy, 2), "jpeg_bytes": path.stat().st_size}
+    return out
+
+
 def bench_extract(n_images: int = 16, image_size: int = 480, backbone: str = "vit_small_patch8_224.dino",
                   batch_size: int = 4, seed: int = 0) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -91,4 +117,5 @@ def bench_extract(n_images: int = 16, image_size: int = 480, backbone: str = "vi
         "crop_cls_cost_ratio": round(plain["images_per_s"] / crop_cls["images_per_s"], 3),
         "backbone_s_per_image": {k: round(v, 4) for k, v in timings.items()},
         "sdpa_speedup": round(timings["explicit"] / timings["fused"], 3),
+        "decode_to_actor_bytes_per_image": decode_traffic(),
     }
