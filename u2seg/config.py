@@ -339,6 +339,10 @@ class TrainConfig:
     selftrain_iou: float = knob(0.5, "self-training: a previous pseudo thing is kept only while its mask IoU with "
                                 "every such prediction is below this (CutLER: 0.5)", _fraction,
                                 "a fraction in [0, 1]")
+    selftrain_pred_nms: float = knob(0.0, "self-training: among the confident predictions of an image, one whose "
+                                     "mask IoU with a higher-scoring one exceeds this is dropped (a multi-class "
+                                     "detector's per-class box NMS leaves nested boxes around one object); 0 = off, "
+                                     "as CutLER", _fraction, "a fraction in [0, 1]")
     selftrain_stuff: Literal["labels", "model"] = knob(
         "labels", "self-training: the stuff under the new things comes from the previous round's labels (the "
         "pseudo stuff, unchanged) or from the model's semantic head on the image (its argmax); things and stuff "

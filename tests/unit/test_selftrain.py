@@ -100,3 +100,28 @@ def test_bad_inputs_raise():
         selftrain_image(stack(PRED), [1], PRED, [1], [0.9])
     with pytest.raises(ValueError, match="iou_threshold"):
         selftrain_image(stack(PRED), [1], stack(PRED), [1], [0.9], iou_threshold=1.5)
+
+
+def test_pred_nms_drops_a_lower_scoring_duplicate_and_keeps_input_order():
+    # b nests in a's object (IoU 8/10 = 0.8 with a), c is elsewhere, d overlaps b at 4/14 = 0.29, c at 3/10
+    a, b, c, d = cols((0, 10)), cols((1, 9)), cols((12, 16)), cols((5, 15))
+    preds, classes, scores = stack(a, b, c, d), [1, 1, 2, 3], [0.8, 0.9, 0.75, 0.7]
+    masks, cls, sc, _ = selftrain_image(stack(), [], preds, classes, scores)
+    assert cls.tolist() == [1, 1, 2, 3]  # off by default: CutLER's rule keeps every confident prediction
+    masks, cls, sc, _ = selftrain_image(stack(), [], preds, classes, scores, pred_nms=0.5)
+    assert cls.tolist() == [1, 2, 3] and sc.tolist() == pytest.approx([0.9, 0.75, 0.7])  # b (0.9) beats a (0.8)
+    assert (masks[0] == b).all()
+    _, cls, _, _ = selftrain_image(stack(), [], preds, classes, scores, pred_nms=0.8)  # 0.8 is not above 0.8
+    assert cls.tolist() == [1, 1, 2, 3]
+    _, cls, _, _ = selftrain_image(stack(), [], preds, classes, scores, pred_nms=0.25)  # d goes too (0.29 > 0.25)
+    assert cls.tolist() == [1, 2]
+    with pytest.raises(ValueError, match="pred_nms"):
+        selftrain_image(stack(), [], preds, classes, scores, pred_nms=1.5)
+
+
+def test_pred_nms_breaks_equal_scores_by_input_order_and_ignores_unconfident_ones():
+    a, b = cols((0, 10)), cols((0, 9))
+    _, cls, _, _ = selftrain_image(stack(), [], stack(a, b), [4, 5], [0.8, 0.8], pred_nms=0.5)
+    assert cls.tolist() == [4]
+    _, cls, _, _ = selftrain_image(stack(), [], stack(a, b), [4, 5], [0.5, 0.8], pred_nms=0.5)
+    assert cls.tolist() == [5]  # a is not confident: it suppresses nothing

@@ -73,6 +73,7 @@ def relabel_group(group: str, root: RunRoot, r: int, index: dict[str, str], trai
                 old_seg, segments, masks, [int(a["category_id"]) - 1 for a in instances],
                 [float(a.get("score", 1.0)) for a in instances], stuff, k_things=k_things, k_stuff=k_stuff,
                 score_threshold=train_cfg.score_threshold, iou_threshold=train_cfg.selftrain_iou,
+                pred_nms=train_cfg.selftrain_pred_nms,
                 min_stuff_area=label_cfg.min_stuff_area, min_thing_area=label_cfg.min_thing_area,
                 thing_order=label_cfg.thing_order, stuff_overlap_drop=label_cfg.stuff_overlap_drop)
         except ValueError as exc:
