@@ -91,6 +91,7 @@ class TreeCpu:
         self._stop = threading.Event()
         self._interval = interval_s
         self._own = 0.0  # CPU seconds of the sampling thread
+        self._last = 0.0  # the largest figure returned: ticks are 10 ms, the thread's own CPU finer
         self._thread = threading.Thread(target=self._run, name="tree-cpu", daemon=True)
         self.sample()
         self._thread.start()
@@ -113,10 +114,12 @@ class TreeCpu:
                 self._seen[key] = max(self._seen.get(key, 0), ticks)
 
     def seconds(self) -> float:
-        """CPU so far, less what the sampling thread itself spent."""
+        """CPU so far, less what the sampling thread itself spent; never less than an earlier answer (the
+        process times come in clock ticks, the thread's own CPU finer, so their difference can dip)."""
         self.sample()
         with self._lock:
-            return sum(self._seen.values()) / os.sysconf("SC_CLK_TCK") - self._own
+            self._last = max(self._last, sum(self._seen.values()) / os.sysconf("SC_CLK_TCK") - self._own)
+            return self._last
 
     def close(self) -> None:
         self._stop.set()
