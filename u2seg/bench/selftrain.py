@@ -191,10 +191,8 @@ def bench_selftrain(*, quick: bool = False, n_train: int | None = None, n_heldou
                                                     "segments_now") if k in stats}
         _timed(phases, reused, "evaluate_labels", "evaluate", cfg_labels)
         labels = read_scores(root, layout.EVAL_LABELS)
-        heldout_phases: dict[str, float] = {}
         for stage in (*LABEL_STAGES, "evaluate"):
-            _timed(heldout_phases, reused, f"heldout_{stage}", stage, cfgs["heldout_labels"])
-        phases.update(heldout_phases)
+            _timed(phases, reused, f"heldout_{stage}", stage, cfgs["heldout_labels"])
         labels_heldout = read_scores(heldout_root, layout.EVAL_LABELS)
         _timed(phases, reused, "train_round0", "train", cfg_round0)
         _timed(phases, reused, "predict_round0", "predict", cfg_round0)

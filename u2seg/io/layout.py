@@ -31,7 +31,6 @@ MANIFEST_ERRORS = "manifest/errors"
 STUFF = "stuff"
 STUFF_HEAD = "stuff/head.pt"
 STUFF_TENSORBOARD = "stuff/tensorboard"  # TensorBoard event files of the head's training (rank 0)
-STUFF_METRICS = "stuff/metrics.jsonl"  # the head's loss curve, one JSON line per recorded step
 
 # extract: the ledger part (one row per input image, ok or error) is committed last for its group, so
 # an image is done iff it is in the ledger; the other tables' parts share the ledger part's name.

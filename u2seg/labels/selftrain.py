@@ -106,11 +106,11 @@ def selftrain_image(
         raise ValueError(f"old masks are {old.shape[1:]} but predictions {pred.shape[1:]}")
     if not 0.0 <= iou_threshold <= 1.0:
         raise ValueError(f"iou_threshold must be in [0, 1], got {iou_threshold}")
+    if not 0.0 <= pred_nms <= 1.0:
+        raise ValueError(f"pred_nms must be in [0, 1], got {pred_nms}")
     if np.isnan(pred_sc).any():
         raise ValueError("pred_scores contain NaN")
 
-    if not 0.0 <= pred_nms <= 1.0:
-        raise ValueError(f"pred_nms must be in [0, 1], got {pred_nms}")
     confident = np.flatnonzero(pred_sc >= score_threshold)
     if pred_nms > 0 and confident.size > 1:
         confident = suppress_duplicates(pred[confident], pred_sc[confident], pred_nms, confident)

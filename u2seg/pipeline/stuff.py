@@ -292,7 +292,7 @@ def stuff_train_loop(config: dict[str, Any]) -> None:
         scalars.log(step, history[-1])
         if step % every == 0 or step >= st.steps:
             if rank == 0:
-                append_metrics(config["root"], layout.STUFF_METRICS, history,
+                append_metrics(config["root"], layout.training_metrics(layout.STUFF), history,
                                keep_upto=recorded_upto)
                 history, recorded_upto = [], step
                 scalars.sync()
